@@ -1,0 +1,203 @@
+"""The ``raykd`` command line.
+
+Exit codes: 0 success, 2 bad input (one line on stderr naming the field and the fix; nothing is
+started), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from raykd.errors import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line (and still exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"raykd: error: {message} (see `{self.prog} --help`)\n")
+
+
+# --------------------------------------------------------------------------------------------
+# raykd train
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            diff = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if diff:
+                return diff
+        return None
+    return None if a == b else f"{prefix[:-1]}: {a!r} -> {b!r}"
+
+
+def resolve_run_dir(config_path: str, out: str | None, resolved: dict[str, Any]) -> tuple[Path, bool]:
+    """Pick the run folder; returns ``(run_dir, resuming)``.
+
+    An explicit ``--out`` must be new, or hold an unfinished run of the same config (then it resumes).
+    Without ``--out`` the folder is ``runs/<config stem>``, resumed when unfinished with the same
+    config, else the first free ``runs/<stem>-N``.
+    """
+    import yaml
+
+    def state(d: Path) -> tuple[str, str | None]:
+        if not d.exists() or not any(d.iterdir()):
+            return "new", None
+        if (d / "result.json").exists():
+            return "finished", None
+        old_path = d / "config.yaml"
+        old = yaml.safe_load(old_path.read_text()) if old_path.exists() else None
+        diff = _first_difference(old, resolved) if old is not None else "no config.yaml"
+        return ("resume", None) if diff is None else ("different", diff)
+
+    if out is not None:
+        d = Path(out)
+        kind, diff = state(d)
+        if kind == "finished":
+            raise ConfigError("--out", f"{d} already holds a finished run (result.json); choose another --out")
+        if kind == "different":
+            raise ConfigError("--out", f"{d} holds a different run ({diff}); choose another --out to keep both")
+        return d, kind == "resume"
+    stem = Path(config_path).stem
+    for n in range(1, 10_000):
+        d = Path("runs") / (stem if n == 1 else f"{stem}-{n}")
+        kind, _ = state(d)
+        if kind in ("new", "resume"):
+            return d, kind == "resume"
+    raise ConfigError("--out", "no free run folder under runs/; pass --out")
+
+
+def preflight(cfg) -> None:
+    """Checks that need the machine, done before Ray starts: data on disk, GPUs when asked for."""
+    from raykd.data import prepare_data
+
+    prepare_data(cfg.data.name, cfg.data.root, cfg.data.labels_per_class, cfg.data.val_per_class, cfg.data.seed)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from raykd.config import dump_run_config, load_run_config
+
+    cfg = load_run_config(args.config, args.set)
+    if cfg.scaling.use_gpu and not (args.address or os.environ.get("RAY_ADDRESS")):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "scaling.use_gpu",
+                "true but this machine has no CUDA GPU; set it to false or join a GPU cluster with --address",
+            )
+    preflight(cfg)
+    text = dump_run_config(cfg)
+    run_dir, resuming = resolve_run_dir(args.config, args.out, yaml.safe_load(text))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(text)
+
+    from raykd.train.trainer import run_training
+
+    t, s, d = cfg.train, cfg.scaling, cfg.data
+    views = f"{t.batch_size} + {t.uratio}x{t.batch_size}" if t.uratio else f"{t.batch_size}"
+    where = f"{s.num_workers} {'GPU' if s.use_gpu else 'CPU'} worker(s), {'nccl' if s.use_gpu else 'gloo'}"
+    print(
+        f"raykd train: {cfg.method.name} on {d.name} ({d.labels_per_class or 'all'} labels/class), "
+        f"{cfg.model.name}, {t.steps} steps, global batch {views}, {where}",
+        flush=True,
+    )
+    resume_note = " (resuming from its latest checkpoint)" if resuming else ""
+    print(
+        f"  run folder: {run_dir}{resume_note}; evaluating the {'EMA' if t.ema > 0 else 'raw'} model "
+        f"every {t.eval_every} steps",
+        flush=True,
+    )
+    try:
+        result = run_training(cfg, run_dir, address=args.address, verbose=args.verbose)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; resume with: raykd train {args.config} --out {run_dir}", file=sys.stderr)
+        return 130
+    acc = f"test_acc {result.get('test_acc', float('nan')):.4f}"
+    if "val_acc" in result:
+        acc += f", val_acc {result['val_acc']:.4f}"
+    print(
+        f"done: {acc} at step {result.get('step')} in {result['wall_s']:.0f} s; results in {run_dir / 'result.json'}",
+        flush=True,
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# raykd methods
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from raykd.config import search_range
+    from raykd.methods import METHODS
+
+    for name in METHODS.names():
+        method = METHODS.get(name)
+        doc = (method.__doc__ or "").strip().splitlines()[0] if method.__doc__ else ""
+        print(f"{name}: {doc}")
+        knobs = [k for k in method.Config.model_fields if k != "name"]
+        if not knobs:
+            print("    (no knobs)")
+        for k in knobs:
+            field = method.Config.model_fields[k]
+            rng = search_range(method.Config, k)
+            rng_s = f"{next(iter(rng))} {next(iter(rng.values()))}" if rng else "not searched"
+            help_text = field.description or ""
+            print(f"    method.{k:<14} default {field.default!r:<8} search {rng_s:<28} {help_text}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="raykd", description="Semi-supervised knowledge distillation on Ray Train + Tune.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    tr = sub.add_parser("train", help="one training run (Ray Train, DDP)")
+    tr.add_argument("config", help="run config YAML")
+    tr.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set method.threshold=0.9 (repeatable)",
+    )
+    tr.add_argument("--out", help="run folder (default runs/<config name>)")
+    tr.add_argument("--address", help="Ray cluster to join (e.g. auto); default: start a local one")
+    tr.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    tr.set_defaults(func=cmd_train)
+
+    me = sub.add_parser("methods", help="list methods, their knobs, defaults and search ranges")
+    me.set_defaults(func=cmd_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"raykd: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - one readable line; the traceback with --verbose
+        if getattr(args, "verbose", False):
+            raise
+        msg = str(e).strip().splitlines()
+        print(
+            f"raykd: {type(e).__name__}: {msg[-1] if msg else ''} (rerun with --verbose for details)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

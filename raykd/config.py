@@ -1,0 +1,320 @@
+"""Typed run configuration (pydantic v2, unknown keys rejected).
+
+A run config is the complete description of one training run::
+
+    data:    {name, root, labels_per_class, val_per_class, seed}
+    model:   {name, bn_momentum, <the model's own arguments>}
+    method:  {name, <the method's knobs>}
+    train:   {steps, batch_size, uratio, lr, weight_decay, ema, eval_every, seed, amp, channels_last, ...}
+    scaling: {num_workers, use_gpu, cpus_per_worker, gpus_per_worker}
+
+Each method declares its knobs as a :class:`MethodConfig` subclass built with :func:`knob` (default,
+search range, help).  YAML is read with ``yaml.safe_load``; ``--set dotted.key=value`` overrides are
+parsed as YAML scalars and type-checked by the same models.  Every validation problem becomes a
+:class:`~raykd.errors.ConfigError` naming the dotted field, the problem and the allowed values.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from raykd.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------
+# knobs and search ranges
+
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
+
+
+def knob(default: Any, *, search: dict[str, Any] | None = None, help: str = "", **kwargs: Any) -> Any:
+    """A method knob: a pydantic ``Field`` carrying its default, its declared search range and help.
+
+    Args:
+        default: the default value (the paper's or our documented choice).
+        search: the declared search range, one of ``{"uniform": [lo, hi]}``,
+            ``{"loguniform": [lo, hi]}``, ``{"int": [lo, hi]}``, ``{"logint": [lo, hi]}``,
+            ``{"choice": [v1, v2, ...]}``; None = not searchable.
+        help: one line for ``raykd methods``.
+        kwargs: further ``Field`` constraints (``ge``, ``le``, ...).
+    """
+    if search is not None:
+        ((dist, _),) = search.items()
+        if dist not in DISTRIBUTIONS:
+            raise ValueError(f"unknown distribution {dist!r}")
+    return Field(default, description=help, json_schema_extra={"search": search}, **kwargs)
+
+
+def search_range(model: type[BaseModel], name: str) -> dict[str, Any] | None:
+    """The declared search range of knob ``name`` of a config model, or None."""
+    extra = model.model_fields[name].json_schema_extra
+    return extra.get("search") if isinstance(extra, dict) else None
+
+
+class Strict(BaseModel):
+    """Base of every config model: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MethodConfig(Strict):
+    """Base class of each method's knobs; a method subclasses it and adds :func:`knob` fields."""
+
+    name: str
+
+
+# --------------------------------------------------------------------------------------------
+# sections
+
+
+class DataConfig(Strict):
+    """Dataset and semi-supervised split."""
+
+    name: str = Field("digits", description="dataset family: digits, fashion_mnist, cifar10, cifar100, svhn, stl10")
+    root: str | None = Field(None, description="folder in torchvision's on-disk layout (None = family default)")
+    labels_per_class: int | None = Field(4, ge=1, description="labeled samples per class (None = all)")
+    val_per_class: int = Field(0, ge=0, description="held-out labeled validation samples per class (0 = none)")
+    seed: int = Field(0, description="seed of the labeled/validation split")
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        from raykd.data import DATASETS
+
+        DATASETS.get(v)
+        return v
+
+
+_MODEL_FIXED = ("num_classes", "in_channels", "image_size", "bn_momentum")
+
+
+class ModelConfig(BaseModel):
+    """Model name, BN momentum and the model's own arguments (checked against its builder)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = Field("small_cnn", description="small_cnn, wrn_28_2, wrn_28_8, resnet18")
+    bn_momentum: float | Literal["auto"] = Field(
+        "auto", description="BatchNorm momentum; auto = max(0.001, min(0.1, 20 / train.steps))"
+    )
+
+    @model_validator(mode="after")
+    def _check_args(self) -> ModelConfig:
+        from raykd.models import MODELS
+
+        builder = MODELS.get(self.name)
+        extra = dict(self.model_extra or {})
+        if not extra:
+            return self
+        params = {
+            p.name: (p.annotation if p.annotation is not inspect.Parameter.empty else Any, p.default)
+            for p in inspect.signature(builder).parameters.values()
+            if p.name not in _MODEL_FIXED and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        }
+        for key in extra:
+            if key not in params:
+                allowed = ", ".join(["name", "bn_momentum", *params]) or "none"
+                raise ConfigError(f"model.{key}", f"unknown argument of model {self.name!r}; allowed: {allowed}")
+        args_model = create_model(f"{self.name}_args", __config__=ConfigDict(extra="forbid"), **params)
+        try:
+            checked = args_model.model_validate(extra)
+        except ValidationError as e:
+            raise _config_error(e, prefix="model", root=args_model) from None
+        for key in extra:  # store the type-checked values (setattr would re-run this validator)
+            self.__pydantic_extra__[key] = getattr(checked, key)
+        return self
+
+    def args(self) -> dict[str, Any]:
+        """The model's own arguments (everything but ``name`` and ``bn_momentum``)."""
+        return dict(self.model_extra or {})
+
+    def resolved_bn_momentum(self, steps: int) -> float:
+        if self.bn_momentum == "auto":
+            return max(0.001, min(0.1, 20.0 / steps))
+        return float(self.bn_momentum)
+
+
+class TrainConfig(Strict):
+    """Optimisation, schedule, evaluation and checkpointing."""
+
+    steps: int = Field(500, ge=1, description="optimiser steps")
+    batch_size: int = Field(64, ge=1, description="GLOBAL labeled batch B (split across workers)")
+    uratio: int = Field(7, ge=0, description="unlabeled batch = uratio * batch_size (mu)")
+    lr: float = Field(0.03, gt=0, description="SGD learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0, description="not applied to 1-D parameters (BN, biases)")
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="cosine: lr * cos(7 pi k / (16 K)) as in FixMatch"
+    )
+    ema: float = Field(0.999, ge=0, lt=1, description="EMA decay of the evaluated model (0 = evaluate raw)")
+    eval_every: int = Field(100, ge=1, description="evaluate, report and checkpoint every N steps")
+    eval_batch_size: int = Field(512, ge=1)
+    seed: int = Field(0, description="seed of initialisation, sampling and augmentation")
+    amp: bool = Field(False, description="bfloat16 autocast on GPU (ignored on CPU)")
+    channels_last: bool = Field(False, description="channels_last memory format on GPU")
+    ra_num_ops: int = Field(2, ge=1, le=4, description="RandAugment ops per image (strong augmentation)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept (latest)")
+    max_failures: int = Field(0, ge=0, description="worker-group restarts from the last checkpoint")
+
+
+class ScalingConfig(Strict):
+    """How many DDP workers and what each one gets."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0, description="fractional allowed, used when use_gpu")
+
+
+class RunConfig(Strict):
+    """The complete description of one training run."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: SerializeAsAny[MethodConfig]
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_knobs(cls, v: Any) -> Any:
+        from raykd.methods import METHODS
+
+        if isinstance(v, MethodConfig):
+            return v
+        if not isinstance(v, dict) or "name" not in v:
+            raise ConfigError("method.name", f"missing; choose one of: {', '.join(METHODS.names())}")
+        method = METHODS.get(v["name"])
+        try:
+            return method.Config.model_validate(v)
+        except ValidationError as e:
+            raise _config_error(e, prefix="method", root=method.Config) from None
+
+    @model_validator(mode="after")
+    def _check_batch_split(self) -> RunConfig:
+        w = self.scaling.num_workers
+        if self.train.batch_size % w:
+            raise ConfigError(
+                "train.batch_size",
+                f"{self.train.batch_size} is not divisible by scaling.num_workers={w}; "
+                f"use a multiple of {w} (the global batch is split evenly across workers)",
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# loading, overrides and errors
+
+
+def _allowed_keys(root: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """Field names of the model found at ``loc`` (for 'unknown key' messages)."""
+    model = root
+    for part in loc:
+        if model is None:
+            return []
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return list(model.model_fields) if model is not None else []
+
+
+def _config_error(err: ValidationError, prefix: str = "", root: type[BaseModel] | None = RunConfig) -> ConfigError:
+    """Turn pydantic's first error into one ConfigError line naming the dotted field."""
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    field = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc) or prefix or "config"
+    ctx_err = first.get("ctx", {}).get("error")
+    if isinstance(ctx_err, ConfigError):
+        return ctx_err
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(root, loc[:-1])
+        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+        return ConfigError(field, f"unknown key{hint}")
+    if first["type"] == "missing":
+        return ConfigError(field, "required but missing")
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    return ConfigError(field, f"{msg} (got {first.get('input')!r})")
+
+
+def parse_run_config(raw: dict[str, Any]) -> RunConfig:
+    """Validate a raw dict into a :class:`RunConfig`; raises :class:`ConfigError`."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config", "the run config must be a YAML mapping with data, model, method, train, scaling")
+    try:
+        return RunConfig.model_validate(raw)
+    except ConfigError:
+        raise
+    except ValidationError as e:
+        raise _config_error(e) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with ``yaml.safe_load``; a missing or malformed file is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(path), "no such file; pass the path of a run config YAML (see studies/)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(str(path), f"not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "expected a YAML mapping at the top level")
+    return data
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides to a raw config dict (values parsed as YAML scalars).
+
+    Unknown keys are not caught here but by validation, which names them.
+    """
+    out = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError("--set", f"expected dotted.key=value, got {item!r}")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            parsed = value
+        node = out
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(".".join(parts[: i + 1]), f"is a value, not a section; cannot set {key}")
+            node = nxt
+        node[parts[-1]] = parsed
+    return out
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config file."""
+    return parse_run_config(apply_overrides(read_yaml(path), overrides or []))
+
+
+def dump_run_config(cfg: RunConfig) -> str:
+    """The resolved config (defaults merged) as YAML, re-loadable by :func:`load_run_config`."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

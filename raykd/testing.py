@@ -1,0 +1,53 @@
+"""Helpers for raykd's own tests and for users' tests of new methods (shipped in the package so that
+Ray workers can import them)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raykd.config import RunConfig, parse_run_config
+
+
+def tiny_run_config(method: str, **sections: dict[str, Any]) -> RunConfig:
+    """A run config that trains ``method`` on digits for a handful of tiny CPU steps.
+
+    Keyword arguments merge into the sections, e.g. ``train={"steps": 4}``.
+    """
+    raw: dict[str, Any] = {
+        "data": {"name": "digits", "labels_per_class": 4, "val_per_class": 2, "seed": 0},
+        "model": {"name": "small_cnn", "width": 8},
+        "method": {"name": method},
+        "train": {"steps": 2, "batch_size": 8, "uratio": 2, "eval_every": 2, "eval_batch_size": 256, "seed": 0},
+        "scaling": {"num_workers": 1},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return parse_run_config(raw)
+
+
+def flat_state(module: torch.nn.Module) -> torch.Tensor:
+    """All parameters and floating buffers of ``module`` as one float64 vector."""
+    parts = [p.detach().double().flatten().cpu() for p in module.parameters()]
+    parts += [b.detach().double().flatten().cpu() for b in module.buffers() if b.is_floating_point()]
+    return torch.cat(parts)
+
+
+def ddp_probe_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: run the loop, then save this rank's weights and method state to
+    ``config["probe_dir"]/rank_<r>.pt`` so a test can check that the ranks agree."""
+    from raykd.train.loop import train_loop
+    from raykd.train.trainer import RayTrainSession
+
+    cfg = parse_run_config(config["config"])
+    out = Path(config["probe_dir"])
+
+    def dump(ctx, method) -> None:
+        state = {"model": flat_state(ctx.raw_model), "method": method.state_dict()}
+        torch.save(state, out / f"rank_{ctx.rank}.pt")
+        (out / f"rank_{ctx.rank}.json").write_text(json.dumps({"world_size": ctx.world_size}))
+
+    train_loop(cfg, RayTrainSession(), config["run_dir"], on_end=dump)

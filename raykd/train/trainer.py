@@ -1,0 +1,182 @@
+"""``raykd train``: one run through Ray Train (``TorchTrainer``, DDP with gloo on CPU / nccl on GPU).
+
+The run folder holds ``config.yaml`` (the resolved config), ``progress.jsonl`` (one line per
+evaluation, written by rank 0), ``train/checkpoint_*`` (Ray Train's checkpoints, the latest
+``keep_checkpoints``) and, once finished, ``result.json``.  Running again into an unfinished folder
+with the same config resumes from its latest checkpoint (Ray Train finds the run snapshot under
+``(storage_path, name)``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from raykd.config import RunConfig, parse_run_config
+from raykd.train.loop import train_loop
+
+TRAIN_RUN_NAME = "train"
+
+
+class RayTrainSession:
+    """The loop's :class:`~raykd.train.context.Session` inside a Ray Train worker."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    def latest_checkpoint(self) -> Path | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        return Path(ckpt.to_directory()) if ckpt is not None else None
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+
+def _worker_fn(config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker."""
+    cfg = parse_run_config(config["config"])
+    train_loop(cfg, RayTrainSession(), config["run_dir"], stop_at=config.get("stop_at"))
+
+
+def format_progress(rec: dict[str, Any], steps: int) -> str:
+    """One progress line: step, losses, mask rate, pseudo-label accuracy, accuracies, speed."""
+    parts = [f"step {rec['step']:>{len(str(steps))}}/{steps}"]
+    for key, short in (
+        ("loss", "loss"),
+        ("loss_x", "loss_x"),
+        ("loss_u", "loss_u"),
+        ("mask_rate", "mask"),
+        ("pseudo_acc", "pseudo_acc"),
+        ("val_acc", "val_acc"),
+        ("test_acc", "test_acc"),
+    ):
+        v = rec.get(key)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            parts.append(f"{short} {v:.4f}" if key.endswith("_acc") or key == "mask_rate" else f"{short} {v:.3f}")
+    if "img_per_s" in rec:
+        parts.append(f"{rec['img_per_s']:.0f} img/s")
+    return " | ".join(parts)
+
+
+class _ProgressTail(threading.Thread):
+    """Prints new lines of ``progress.jsonl`` while the trainer runs."""
+
+    def __init__(self, path: Path, steps: int, out=sys.stdout):
+        super().__init__(daemon=True)
+        self.path, self.steps, self.out = path, steps, out
+        self.pos = path.stat().st_size if path.exists() else 0
+        self.stop = threading.Event()
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path) as f:
+            f.seek(self.pos)
+            chunk = f.read()
+        lines = chunk.split("\n")
+        self.pos += len(chunk) - len(lines[-1])  # keep a partial last line for the next poll
+        for line in lines[:-1]:
+            if line.strip():
+                print(format_progress(json.loads(line), self.steps), file=self.out, flush=True)
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            self.poll()
+        self.poll()
+
+
+def init_ray(
+    num_cpus_needed: float, address: str | None = None, verbose: bool = False, include_dashboard: bool = False
+) -> None:
+    """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray with enough logical CPUs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    common = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "ERROR"}
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], **common)
+    else:
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus_needed)),
+            include_dashboard=include_dashboard,
+            **common,
+        )
+
+
+def run_training(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    address: str | None = None,
+    verbose: bool = False,
+    out=sys.stdout,
+    stop_at: int | None = None,
+) -> dict[str, Any]:
+    """Run ``cfg`` with a ``TorchTrainer`` sized by ``cfg.scaling``; return the last metrics.
+
+    ``result.json`` is written only when the run reached ``train.steps`` (``stop_at`` interrupts it
+    after that step's checkpoint, as a kill would; tests use it).
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    s, t = cfg.scaling, cfg.train
+    init_ray(s.num_workers * s.cpus_per_worker, address, verbose)
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    trainer = TorchTrainer(
+        _worker_fn,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "stop_at": stop_at},
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=TRAIN_RUN_NAME,
+            storage_path=str(run_dir),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures, controller_failure_limit=1),
+        ),
+    )
+    tail = _ProgressTail(run_dir / "progress.jsonl", t.steps, out)
+    tail.start()
+    started = time.time()
+    try:
+        result = trainer.fit()
+    finally:
+        tail.stop.set()
+        tail.join()
+    metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
+    metrics["wall_s"] = time.time() - started
+    if result.checkpoint is not None:
+        metrics["checkpoint"] = result.checkpoint.path
+    if metrics.get("step") == t.steps:
+        (run_dir / "result.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    return metrics
