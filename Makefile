@@ -15,10 +15,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
+# the quickstart study; run again, it resumes (or just re-reports) the same study folder
 study: $(STAMP)
-	$(BIN)/raykd train studies/quickstart_run.yaml
+	@if [ -f runs/quickstart/study.yaml ]; then $(BIN)/raykd study resume runs/quickstart; \
+	else $(BIN)/raykd study run studies/quickstart.yaml; fi
 
 test: $(STAMP)
+	$(BIN)/ruff check raykd tests benchmarks
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

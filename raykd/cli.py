@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from raykd.config import AblationConfig, parse_config, read_yaml
 from raykd.errors import ConfigError
 
 
@@ -157,11 +158,81 @@ def cmd_methods(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------------
+# raykd study / ablate / report
+
+
+def _folder(path: str) -> Path:
+    d = Path(path)
+    if not d.is_dir():
+        raise ConfigError(path, "no such folder; pass a study or ablation folder such as runs/<name>")
+    return d
+
+
+def cmd_study_run(args: argparse.Namespace) -> int:
+    from raykd.tune import study
+
+    cfg, space = study.load_study(args.config, name=args.name, storage=args.storage)
+    return study.run(cfg, space, address=args.address)
+
+
+def cmd_study_resume(args: argparse.Namespace) -> int:
+    from raykd.tune import study
+
+    return study.resume(_folder(args.dir), address=args.address)
+
+
+def cmd_study_status(args: argparse.Namespace) -> int:
+    from raykd.tune import study
+
+    d = _folder(args.dir)
+    if not (d / study.STUDY_FILE).exists():
+        raise ConfigError(args.dir, f"not a study folder (no {study.STUDY_FILE})")
+    print(study.status_text(d))
+    return 0
+
+
+def cmd_study_export(args: argparse.Namespace) -> int:
+    from raykd.tune import study
+
+    d = _folder(args.dir)
+    if not (d / study.STUDY_FILE).exists():
+        raise ConfigError(args.dir, f"not a study folder (no {study.STUDY_FILE})")
+    for path in study.export(d, Path(args.out), top_k=args.top_k):
+        print(f"wrote {path}  (re-run: raykd train {path})")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from raykd.tune import ablation
+
+    abl = ablation.load_ablation(args.config, storage=args.storage)
+    return ablation.run(abl, address=args.address)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from raykd.tune import ablation, study
+
+    d = _folder(args.dir)
+    if (d / ablation.ABLATION_FILE).exists():
+        abl = parse_config(read_yaml(d / ablation.ABLATION_FILE), AblationConfig)
+        paths = ablation.write_report(d, abl)
+    elif (d / study.STUDY_FILE).exists():
+        paths = study.write_report(d)
+    else:
+        raise ConfigError(args.dir, "neither a study (study.yaml) nor an ablation (ablation.yaml) folder")
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="raykd", description="Semi-supervised knowledge distillation on Ray Train + Tune.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="show Ray's own logs and full tracebacks")
 
-    tr = sub.add_parser("train", help="one training run (Ray Train, DDP)")
+    tr = sub.add_parser("train", parents=[common], help="one training run (Ray Train, DDP)")
     tr.add_argument("config", help="run config YAML")
     tr.add_argument(
         "--set",
@@ -172,8 +243,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--out", help="run folder (default runs/<config name>)")
     tr.add_argument("--address", help="Ray cluster to join (e.g. auto); default: start a local one")
-    tr.add_argument("--verbose", action="store_true", help="show Ray's own logs")
     tr.set_defaults(func=cmd_train)
+
+    st = sub.add_parser("study", help="hyperparameter studies (Ray Tune + Optuna)")
+    st_sub = st.add_subparsers(dest="study_command", required=True, parser_class=_Parser)
+    sr = st_sub.add_parser("run", parents=[common], help="start a study")
+    sr.add_argument("config", help="study YAML (name, base, search, tune)")
+    sr.add_argument("--address", help="Ray cluster to join (e.g. auto); default: start a local one")
+    sr.add_argument("--storage", help="parent folder of the study folder (default runs/)")
+    sr.add_argument("--name", help="study name (default: the file's name field)")
+    sr.set_defaults(func=cmd_study_run)
+    ss = st_sub.add_parser("status", help="table of trials, best marked (while it runs or after)")
+    ss.add_argument("dir", help="study folder, e.g. runs/quickstart")
+    ss.set_defaults(func=cmd_study_status)
+    su = st_sub.add_parser("resume", parents=[common], help="finish an interrupted study; finished trials are kept")
+    su.add_argument("dir", help="study folder")
+    su.add_argument("--address", help="Ray cluster to join")
+    su.set_defaults(func=cmd_study_resume)
+    se = st_sub.add_parser("export", help="write the best trial's complete run config")
+    se.add_argument("dir", help="study folder")
+    se.add_argument("--out", required=True, help="output YAML, e.g. best.yaml")
+    se.add_argument("--top-k", type=int, default=1, help="also write the next K-1 as <out>_top<N>.yaml")
+    se.set_defaults(func=cmd_study_export)
+
+    ab = sub.add_parser(
+        "ablate", parents=[common], help="grid over one or two knobs x seeds -> CSV (mean +- std) + PNG"
+    )
+    ab.add_argument("config", help="ablation YAML (name, base, grid, seeds, metric)")
+    ab.add_argument("--storage", help="parent folder of the ablation folder (default runs/)")
+    ab.add_argument("--address", help="Ray cluster to join")
+    ab.set_defaults(func=cmd_ablate)
+
+    rp = sub.add_parser("report", help="tables and plots of a study or ablation folder")
+    rp.add_argument("dir", help="study or ablation folder")
+    rp.set_defaults(func=cmd_report)
 
     me = sub.add_parser("methods", help="list methods, their knobs, defaults and search ranges")
     me.set_defaults(func=cmd_methods)
@@ -182,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own reporter off: raykd prints its own table
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

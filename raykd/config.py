@@ -152,15 +152,19 @@ class TrainConfig(Strict):
 
     steps: int = Field(500, ge=1, description="optimiser steps")
     batch_size: int = Field(64, ge=1, description="GLOBAL labeled batch B (split across workers)")
-    uratio: int = Field(7, ge=0, description="unlabeled batch = uratio * batch_size (mu)")
-    lr: float = Field(0.03, gt=0, description="SGD learning rate")
+    uratio: int = knob(7, search={"choice": [1, 2, 3, 5, 7]}, ge=0, help="unlabeled batch = uratio * batch_size (mu)")
+    lr: float = knob(0.03, search={"loguniform": [0.005, 0.1]}, gt=0, help="SGD learning rate")
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0, description="not applied to 1-D parameters (BN, biases)")
+    weight_decay: float = knob(
+        5e-4, search={"loguniform": [1e-4, 2e-3]}, ge=0, help="not applied to 1-D parameters (BN, biases)"
+    )
     lr_schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="cosine: lr * cos(7 pi k / (16 K)) as in FixMatch"
     )
-    ema: float = Field(0.999, ge=0, lt=1, description="EMA decay of the evaluated model (0 = evaluate raw)")
+    ema: float = knob(
+        0.999, search={"choice": [0.99, 0.999, 0.9999]}, ge=0, lt=1, help="EMA decay of the evaluated model (0 = raw)"
+    )
     eval_every: int = Field(100, ge=1, description="evaluate, report and checkpoint every N steps")
     eval_batch_size: int = Field(512, ge=1)
     seed: int = Field(0, description="seed of initialisation, sampling and augmentation")
@@ -188,6 +192,9 @@ class RunConfig(Strict):
     method: SerializeAsAny[MethodConfig]
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    provenance: dict[str, Any] | None = Field(
+        None, description="where an exported config came from (study, trial, metrics); not used for training"
+    )
 
     @field_validator("method", mode="before")
     @classmethod
@@ -241,7 +248,13 @@ def _config_error(err: ValidationError, prefix: str = "", root: type[BaseModel] 
     field = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc) or prefix or "config"
     ctx_err = first.get("ctx", {}).get("error")
     if isinstance(ctx_err, ConfigError):
-        return ctx_err
+        # validators raise fields relative to the run config; prefix where that run config sits (e.g. base.)
+        head = ctx_err.field.split(".")[0]
+        at = max((i for i, p in enumerate(loc) if p == head), default=len(loc))
+        outer = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc[:at])
+        if not outer or ctx_err.field.startswith(outer + "."):
+            return ctx_err
+        return ConfigError(f"{outer}.{ctx_err.field}", ctx_err.message)
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(root, loc[:-1])
         hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
@@ -256,14 +269,19 @@ def _config_error(err: ValidationError, prefix: str = "", root: type[BaseModel] 
 
 def parse_run_config(raw: dict[str, Any]) -> RunConfig:
     """Validate a raw dict into a :class:`RunConfig`; raises :class:`ConfigError`."""
+    return parse_config(raw, RunConfig)
+
+
+def parse_config(raw: dict[str, Any], model: type[BaseModel]) -> Any:
+    """Validate a raw dict into ``model`` (a run, study or ablation config); raises :class:`ConfigError`."""
     if not isinstance(raw, dict):
-        raise ConfigError("config", "the run config must be a YAML mapping with data, model, method, train, scaling")
+        raise ConfigError("config", f"expected a YAML mapping with the keys {', '.join(model.model_fields)}")
     try:
-        return RunConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ConfigError:
         raise
     except ValidationError as e:
-        raise _config_error(e) from None
+        raise _config_error(e, root=model) from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -282,21 +300,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``dotted.key=value`` overrides to a raw config dict (values parsed as YAML scalars).
+def set_dotted(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of the raw config dict with ``{"dotted.key": value}`` set (sections created as needed).
 
     Unknown keys are not caught here but by validation, which names them.
     """
     out = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError("--set", f"expected dotted.key=value, got {item!r}")
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            parsed = value
+    for key, value in values.items():
         node = out
         parts = key.split(".")
         for i, part in enumerate(parts[:-1]):
@@ -306,8 +316,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(nxt, dict):
                 raise ConfigError(".".join(parts[: i + 1]), f"is a value, not a section; cannot set {key}")
             node = nxt
-        node[parts[-1]] = parsed
+        node[parts[-1]] = value
     return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set dotted.key=value`` overrides (values parsed as YAML scalars) to a raw config dict."""
+    values: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError("--set", f"expected dotted.key=value, got {item!r}")
+        try:
+            values[key] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            values[key] = value
+    return set_dotted(raw, values)
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -317,4 +342,53 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
 
 def dump_run_config(cfg: RunConfig) -> str:
     """The resolved config (defaults merged) as YAML, re-loadable by :func:`load_run_config`."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    exclude = {"provenance"} if cfg.provenance is None else None
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude=exclude), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# studies and ablations
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class TuneSettings(Strict):
+    """How a study searches (the ``tune`` section)."""
+
+    num_samples: int = Field(8, ge=1, description="trials in the study")
+    metric: str = Field("val_acc", description="metric to optimise (val_acc needs base.data.val_per_class > 0)")
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "none"] = Field("asha", description="early stopping over evaluation rounds")
+    grace_period: int = Field(1, ge=1, description="ASHA: evaluation rounds before a trial may be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep 1/reduction_factor at each rung")
+    max_concurrent: int | None = Field(None, ge=1, description="cap on concurrent trials (default: what fits)")
+    seed: int = Field(0, description="seed of the Optuna TPE sampler")
+    max_failures: int = Field(0, ge=0, description="restarts of a failed trial from its last checkpoint")
+    storage: str | None = Field(None, description="parent folder (or URI) of the study folder; default runs/")
+
+
+class StudyConfig(Strict):
+    """A hyperparameter study: a base run config, the knobs to search and how to search them.
+
+    ``search`` maps dotted run-config keys to a distribution (``{uniform: [lo, hi]}``,
+    ``{loguniform: [lo, hi]}``, ``{int: [lo, hi]}``, ``{logint: [lo, hi]}``, ``{choice: [...]}``) or to
+    ``default`` (the range the method or train section declares for that knob).
+    """
+
+    name: str = Field(pattern=NAME_PATTERN)
+    base: RunConfig
+    search: dict[str, Any] = Field(min_length=1)
+    tune: TuneSettings = Field(default_factory=TuneSettings)
+
+
+class AblationConfig(Strict):
+    """A grid over one (or two) knobs × seeds; no searcher.  Each seed sets ``train.seed`` and
+    ``data.seed`` (the labeled split) together."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    base: RunConfig
+    grid: dict[str, list[Any]] = Field(min_length=1, max_length=2)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    metric: str = Field("test_acc", description="metric tabulated and plotted (final evaluation)")
+    max_concurrent: int | None = Field(None, ge=1)
+    storage: str | None = None

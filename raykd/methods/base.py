@@ -65,12 +65,14 @@ class Method(abc.ABC):
     Attributes:
         Config: the method's knobs (a MethodConfig subclass with a ``name: Literal[...]`` field).
         uses_unlabeled: whether batches carry unlabeled data (``train.uratio`` × B per step).
+        logs: the names ``train_step`` logs (reported as metrics; a study may optimise them).
         ctx: the step context (device, model, augmentations, ranks, config).
         cfg: the method's validated knobs.
     """
 
     Config: ClassVar[type[MethodConfig]]
     uses_unlabeled: ClassVar[bool] = True
+    logs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: StepContext):
         self.ctx = ctx

@@ -75,6 +75,8 @@ class FixMatch(Method):
             help="soft pseudo-label temperature (hard_label=false)",
         )
 
+    logs = ("loss_x", "loss_u", "mask_rate", "pseudo_acc")
+
     def forward_views(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits of weak labeled, weak unlabeled and strong unlabeled views from one forward pass."""
         ctx = self.ctx

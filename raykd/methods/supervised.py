@@ -18,6 +18,7 @@ class Supervised(Method):
         name: Literal["supervised"] = "supervised"
 
     uses_unlabeled = False
+    logs = ("loss_x",)
 
     def train_step(self, batch: Batch):
         with self.ctx.autocast():

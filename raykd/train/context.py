@@ -155,6 +155,16 @@ class StepContext:
         return torch.cat(out)
 
 
+RESULT_FILE = "result.json"
+
+
+def write_result(run_dir: Path, record: dict[str, Any]) -> None:
+    """Write ``run_dir/result.json`` (a finished run's metrics) atomically."""
+    tmp = run_dir / (RESULT_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    tmp.replace(run_dir / RESULT_FILE)
+
+
 def append_progress(run_dir: Path, record: dict[str, Any]) -> None:
     """Append one JSON line to ``run_dir/progress.jsonl`` (rank 0 only; the driver tails it)."""
     record = {"time": time.time(), **record}

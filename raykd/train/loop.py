@@ -5,9 +5,9 @@ the method's loss, SGD with Nesterov momentum, a cosine learning-rate schedule, 
 1-D parameters (BN weights, biases), and an EMA update.  Every ``eval_every`` steps (and at the last
 step) the EMA model (or the raw one with ``train.ema: 0``) is evaluated on the validation and test
 sets, logs are averaged over the window and all-reduced across ranks, and rank 0 writes a checkpoint
-that is reported together with the metrics.  A restart resumes from the latest checkpoint: model,
-EMA, optimiser, method state and step; batch sampling is a function of the step, so it continues
-exactly.
+that is reported together with the metrics; at the last step it also writes ``result.json``.  A
+restart resumes from the latest checkpoint (model, EMA, optimiser, method state and step); batch
+sampling and augmentation are functions of the step, so it continues exactly.
 """
 
 from __future__ import annotations
@@ -27,11 +27,15 @@ from raykd.data import ArrayDataset, SSLData, prepare_data
 from raykd.data.augment import Augmenter
 from raykd.methods import METHODS, Batch, Method
 from raykd.models import build_model
-from raykd.train.context import Session, StepContext, append_progress
+from raykd.train.context import Session, StepContext, append_progress, write_result
 from raykd.train.ema import ModelEMA
 from raykd.train.sampler import GlobalBatchSampler
 
 CHECKPOINT_FILE = "state.pt"
+#: metrics every run reports at each evaluation (besides its method's ``logs``)
+LOOP_METRICS = ("step", "epoch", "lr", "loss", "img_per_s", "test_acc", "best_test_acc")
+#: metrics reported only with a validation split (``data.val_per_class > 0``)
+VAL_METRICS = ("val_acc", "best_val_acc", "test_acc_at_best_val")
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
@@ -248,12 +252,14 @@ def train_loop(
         for module in (raw, eval_model):
             ctx.broadcast_buffers(module)
         metrics["test_acc"] = evaluate(method, eval_model, data.test, ctx, t.eval_batch_size)
+        best["best_test_acc"] = max(best["best_test_acc"], metrics["test_acc"])
+        metrics["best_test_acc"] = best["best_test_acc"]
         if data.val is not None:
             metrics["val_acc"] = evaluate(method, eval_model, data.val, ctx, t.eval_batch_size)
             if metrics["val_acc"] > best["best_val_acc"]:
                 best["best_val_acc"], best["test_acc_at_best_val"] = metrics["val_acc"], metrics["test_acc"]
-        best["best_test_acc"] = max(best["best_test_acc"], metrics["test_acc"])
-        metrics.update({k: v for k, v in best.items() if v >= 0 or k == "test_acc_at_best_val" and data.val})
+            metrics["best_val_acc"] = best["best_val_acc"]
+            metrics["test_acc_at_best_val"] = best["test_acc_at_best_val"]
         metrics["evaluated"] = "ema" if ema is not None else "raw"
         with tempfile.TemporaryDirectory() as tmp:
             ckpt_dir = None
@@ -270,6 +276,8 @@ def train_loop(
                 torch.save(state, Path(tmp) / CHECKPOINT_FILE)
                 ckpt_dir = Path(tmp)
                 append_progress(run_dir, metrics)
+                if done == t.steps:  # before the report: a scheduler may end the run at its last report
+                    write_result(run_dir, metrics)
             session.report(metrics, ckpt_dir)
         t_window, steps_window = time.perf_counter(), 0
         if done == stop_at:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import sys
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from raykd.config import RunConfig, parse_run_config
+from raykd.train.context import RESULT_FILE, write_result
 from raykd.train.loop import train_loop
 
 TRAIN_RUN_NAME = "train"
@@ -108,10 +110,23 @@ class _ProgressTail(threading.Thread):
         self.poll()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_ray(
     num_cpus_needed: float, address: str | None = None, verbose: bool = False, include_dashboard: bool = False
 ) -> None:
-    """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray with enough logical CPUs."""
+    """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray with enough logical CPUs.
+
+    A local Ray with the dashboard on gets its own dashboard port, and every process of the job is
+    told that address (``RAY_API_SERVER_ADDRESS``).  Ray Train's placement-group cleaner queries the
+    State API without an address; with a second local Ray on the machine (another study, a test
+    session) that lookup fails ("multiple active Ray instances"), a stopped trial's placement group is
+    never freed and the study hangs.
+    """
     import ray
 
     if ray.is_initialized():
@@ -119,12 +134,14 @@ def init_ray(
     common = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "ERROR"}
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or os.environ["RAY_ADDRESS"], **common)
-    else:
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus_needed)),
-            include_dashboard=include_dashboard,
-            **common,
-        )
+        return
+    extra: dict[str, Any] = {}
+    if include_dashboard:
+        port = _free_port()
+        extra = {"dashboard_port": port,
+                 "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}  # fmt: skip
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus_needed)), include_dashboard=include_dashboard,
+             **extra, **common)  # fmt: skip
 
 
 def run_training(
@@ -137,8 +154,8 @@ def run_training(
 ) -> dict[str, Any]:
     """Run ``cfg`` with a ``TorchTrainer`` sized by ``cfg.scaling``; return the last metrics.
 
-    ``result.json`` is written only when the run reached ``train.steps`` (``stop_at`` interrupts it
-    after that step's checkpoint, as a kill would; tests use it).
+    ``result.json`` exists only once the run reached ``train.steps`` (``stop_at`` interrupts it after
+    that step's checkpoint, as a kill would; tests use it).
     """
     import ray
     import ray.train
@@ -175,8 +192,9 @@ def run_training(
         tail.join()
     metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
     metrics["wall_s"] = time.time() - started
-    if result.checkpoint is not None:
-        metrics["checkpoint"] = result.checkpoint.path
-    if metrics.get("step") == t.steps:
-        (run_dir / "result.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    result_path = run_dir / RESULT_FILE
+    if result_path.exists():  # written by rank 0 at the last step; add what only the driver knows
+        record = json.loads(result_path.read_text())
+        record.update(wall_s=metrics["wall_s"], checkpoint=result.checkpoint.path if result.checkpoint else None)
+        write_result(run_dir, record)
     return metrics

@@ -1,0 +1,542 @@
+"""Tables (CSV / Markdown) and plots (matplotlib PNG) for finished ablations and studies.
+
+Both reports take a list of *trial records*, plain dicts with ``trial_id``, ``state`` (``"done"``,
+``"running"``, ``"stopped"`` (early-stopped by ASHA), ``"error"``, ``"pending"``), ``params`` (the
+searched or grid knobs, plus ``"seed"`` for an ablation), ``metrics`` (final or last reported values;
+keys may be missing) and ``history`` (every evaluation, in order).
+
+Files written by :func:`write_ablation_report` (into ``out_dir``):
+
+- ``ablation.csv``: one row per grid cell: the knob values, ``n`` (number of *done* seeds) and
+  ``<m>_mean`` / ``<m>_std`` (sample std, ddof=1; 0.0 for one seed; empty for none) for the chosen
+  metric and each of ``test_acc_at_best_val``, ``best_val_acc``, ``val_acc``, ``mask_rate``,
+  ``pseudo_acc`` that some record reports.
+- ``ablation.md``: the same as a Markdown table with "mean ± std" cells.
+- ``ablation.png``: the chosen metric (and ``test_acc_at_best_val``) against the first knob, with
+  std error bars; one line per value of the second knob for a 2-D grid.
+
+Files written by :func:`write_study_report`:
+
+- ``study_trials.csv`` (one row per trial, in record order) and ``study.md`` (best first, best trial
+  marked ``*``).
+- ``metric_vs_<key>.png`` per search key, ``history.png`` (metric per trial with the running best),
+  and ``importance.png`` (Optuna parameter importances) when the Optuna study allows it.
+
+Which metric is which: the chosen metric (e.g. ``test_acc``) is the value of the *final* evaluation
+(the last reported one for trials that did not finish); ``test_acc_at_best_val`` is the test accuracy
+of the evaluation that had the best validation accuracy, i.e. model selection without looking at the
+test set; ``best_val_acc`` is that best validation accuracy.
+
+Cell and category order: numeric knob values are sorted numerically; other values (strings, bools)
+keep the order in which they first appear in the records (the grid's order).  The best study trial is
+the one with the best metric (per ``mode``) among all trials that report it, as Ray Tune's
+``scope="last"`` does; ties go to the earlier record.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import numbers
+import statistics
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+#: Metrics reported next to the chosen one when some record has them (in this column order).
+EXTRA_ABLATION_METRICS = ("test_acc_at_best_val", "best_val_acc", "val_acc", "mask_rate", "pseudo_acc")
+#: Extra columns of the study table when some record has them.
+EXTRA_STUDY_METRICS = ("test_acc", "val_acc", "test_acc_at_best_val")
+BEST_ON_VAL = "test_acc_at_best_val"
+DPI = 120
+_STATE_STYLE = {  # state -> (marker, filled, colour)
+    "done": ("o", True, "tab:blue"),
+    "stopped": ("o", False, "tab:blue"),
+    "running": ("s", False, "tab:gray"),
+    "error": ("x", True, "tab:red"),
+}
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def metric_note(metric: str) -> str:
+    """One line saying which metric is which, for the Markdown reports."""
+    best_on_val = (
+        f"`{BEST_ON_VAL}` = test accuracy of the evaluation that had the best validation accuracy "
+        "(selection without looking at the test set)."
+    )
+    if metric == BEST_ON_VAL:
+        return best_on_val
+    return f"`{metric}` = value at the final evaluation (last reported for unfinished trials); {best_on_val}"
+
+
+def format_mean_std(mean: float | None, std: float | None, digits: int = 4) -> str:
+    """``"0.8500 ± 0.0707"``; an empty string when there is no mean (no finished seed)."""
+    if mean is None:
+        return ""
+    return f"{mean:.{digits}f} ± {(std or 0.0):.{digits}f}"
+
+
+def format_value(value: Any) -> str:
+    """Short display form of a knob or metric value (floats with 4 significant digits)."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table; ``|`` in cells is escaped."""
+
+    def line(cells: Sequence[Any]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    out = [line(headers), "|" + "|".join("---" for _ in headers) + "|"]
+    out.extend(line(r) for r in rows)
+    return "\n".join(out) + "\n"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, else ``None`` (missing, NaN, non-numeric)."""
+    if _is_number(value) and math.isfinite(float(value)):
+        return float(value)
+    return None
+
+
+def _value_key(value: Any) -> tuple[str, Any]:
+    """Hashable identity of a knob value that keeps ``True`` and ``1`` apart but ``1`` and ``1.0`` together."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if _is_number(value):
+        return ("num", float(value))
+    return ("other", repr(value) if isinstance(value, list | dict) else value)
+
+
+def ordered_values(values: Iterable[Any]) -> list[Any]:
+    """Distinct values: numeric order when all are numbers, else order of first appearance."""
+    seen: dict[tuple[str, Any], Any] = {}
+    for v in values:
+        seen.setdefault(_value_key(v), v)
+    distinct = list(seen.values())
+    if distinct and all(_is_number(v) for v in distinct):
+        distinct.sort(key=float)
+    return distinct
+
+
+def _x_positions(values: Sequence[Any]) -> tuple[list[float], bool, list[str] | None]:
+    """Plot positions for knob values: ``(xs, log_axis, tick_labels or None)``."""
+    if values and all(_is_number(v) for v in values):
+        xs = [float(v) for v in values]
+        log = min(xs) > 0 and max(xs) / min(xs) >= 20
+        return xs, log, None
+    return [float(i) for i in range(len(values))], False, [format_value(v) for v in values]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _set_x_axis(ax, xs: list[float], log: bool, labels: list[str] | None) -> None:
+    if labels is not None and xs:
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels)
+        ax.set_xlim(-0.5, len(xs) - 0.5)
+    elif log:
+        ax.set_xscale("log")
+
+
+def _grid_ticks(ax, xs: list[float], values: Sequence[Any], log: bool) -> None:
+    """Ticks at a numeric grid's values (when few), and x limits covering the whole grid."""
+    if not xs or not all(_is_number(v) for v in values):
+        return
+    lo, hi = min(xs), max(xs)
+    if log:
+        ax.set_xlim(lo / 1.3, hi * 1.3)
+    else:
+        pad = 0.05 * (hi - lo) if hi > lo else max(abs(lo) * 0.05, 0.5)
+        ax.set_xlim(lo - pad, hi + pad)
+    if len(xs) <= 12:
+        ax.minorticks_off()
+        ax.set_xticks(xs)
+        ax.set_xticklabels([format_value(v) for v in values])
+
+
+def _save(fig, path: Path) -> Path:
+    plt = _pyplot()
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _write_csv(path: Path, headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(headers)
+        writer.writerows(rows)
+    return path
+
+
+def _csv_value(value: Any) -> Any:
+    """CSV cell: empty for missing, floats with 10 significant digits (``0.65``, not ``0.6499999999999999``)."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(float(f"{value:.10g}"))
+    return value
+
+
+def _metrics(record: dict) -> dict:
+    return record.get("metrics") or {}
+
+
+def _present(records: Sequence[dict], names: Iterable[str]) -> list[str]:
+    return [m for m in names if any(m in _metrics(r) for r in records)]
+
+
+# ---------------------------------------------------------------------------------------- ablation
+def aggregate_ablation(records: Sequence[dict], knobs: Sequence[str], metrics: Sequence[str]) -> list[dict]:
+    """Mean and std over seeds per grid cell, from records with state ``"done"`` only.
+
+    Args:
+        records: trial records; every record's params hold each knob.
+        knobs: the grid's knob names (1 or 2).
+        metrics: metric names to aggregate.
+
+    Returns:
+        One dict per cell, ordered by knob values: ``{"values": tuple, "n": int,
+        "stats": {metric: (mean, std) or (None, None)}}``.
+    """
+    axes = [ordered_values(r["params"][k] for r in records) for k in knobs]
+    rank = [{_value_key(v): i for i, v in enumerate(vals)} for vals in axes]
+    cells: dict[tuple, dict] = {}
+    for r in records:
+        values = tuple(r["params"][k] for k in knobs)
+        key = tuple(_value_key(v) for v in values)
+        cell = cells.setdefault(key, {"values": values, "n": 0, "samples": {m: [] for m in metrics}})
+        if r.get("state") != "done":
+            continue
+        cell["n"] += 1
+        for m in metrics:
+            x = _number(_metrics(r).get(m))
+            if x is not None:
+                cell["samples"][m].append(x)
+    out = []
+    for key in sorted(cells, key=lambda k: tuple(rank[i][part] for i, part in enumerate(k))):
+        cell = cells[key]
+        stats = {}
+        for m, xs in cell.pop("samples").items():
+            if not xs:
+                stats[m] = (None, None)
+            else:
+                stats[m] = (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+        out.append({**cell, "stats": stats})
+    return out
+
+
+def write_ablation_report(
+    records: Sequence[dict], knobs: list[str], metric: str, out_dir: str | Path
+) -> dict[str, Path]:
+    """Write ``ablation.csv``, ``ablation.md`` and ``ablation.png`` for a grid of knob values × seeds.
+
+    Args:
+        records: trial records; params hold each knob and ``"seed"``.
+        knobs: 1 or 2 dotted knob names; the first is the x axis, the second (if any) gives one line per value.
+        metric: the ablation's chosen metric (e.g. ``"test_acc"``).
+        out_dir: folder to write into (created if needed).
+
+    Returns:
+        ``{"csv": path, "md": path, "png": path}``.
+    """
+    if not 1 <= len(knobs) <= 2:
+        raise ValueError(f"an ablation report takes 1 or 2 knobs, got {knobs!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = [metric] + _present(records, (m for m in EXTRA_ABLATION_METRICS if m != metric))
+    cells = aggregate_ablation(records, knobs, metrics)
+
+    headers = [*knobs, "n"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
+    csv_rows = []
+    for c in cells:
+        row = [*c["values"], c["n"]]
+        for m in metrics:
+            mean, std = c["stats"][m]
+            row += [_csv_value(mean), _csv_value(std)]
+        csv_rows.append(row)
+    paths = {"csv": _write_csv(out / "ablation.csv", headers, csv_rows)}
+
+    md_rows = [
+        [*(format_value(v) for v in c["values"]), c["n"], *(format_mean_std(*c["stats"][m]) for m in metrics)]
+        for c in cells
+    ]
+    title = f"# Ablation: {' × '.join(knobs)}\n\n"
+    body = f"Mean ± sample std over finished seeds (`n`). {metric_note(metric)}\n\n"
+    paths["md"] = out / "ablation.md"
+    paths["md"].write_text(title + body + markdown_table([*knobs, "n", *metrics], md_rows), encoding="utf-8")
+
+    paths["png"] = _plot_ablation(cells, knobs, metric, BEST_ON_VAL in metrics and metric != BEST_ON_VAL, out)
+    return paths
+
+
+def _plot_ablation(cells: list[dict], knobs: Sequence[str], metric: str, with_best: bool, out: Path) -> Path:
+    plt = _pyplot()
+    x_values = ordered_values(c["values"][0] for c in cells)
+    xs, log, labels = _x_positions(x_values)
+    x_of = {_value_key(v): x for v, x in zip(x_values, xs, strict=True)}
+
+    def series(m: str, line_value_key=None) -> tuple[list[float], list[float], list[float]]:
+        px, py, pe = [], [], []
+        for c in cells:
+            if line_value_key is not None and _value_key(c["values"][1]) != line_value_key:
+                continue
+            mean, std = c["stats"][m]
+            if mean is not None:
+                px.append(x_of[_value_key(c["values"][0])])
+                py.append(mean)
+                pe.append(std)
+        return px, py, pe
+
+    shown = [metric, BEST_ON_VAL] if with_best else [metric]
+    if len(knobs) == 1:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for m, fmt in zip(shown, ("o-", "s--"), strict=False):
+            px, py, pe = series(m)
+            ax.errorbar(px, py, yerr=pe, fmt=fmt, capsize=4, label=m)
+        ax.set_ylabel(" / ".join(shown))
+        ax.set_title(f"{metric} vs {knobs[0]} (mean ± std over seeds)")
+        if len(shown) > 1:
+            ax.legend()
+        _set_x_axis(ax, xs, log, labels)
+        _grid_ticks(ax, xs, x_values, log)
+        ax.set_xlabel(knobs[0])
+        ax.grid(alpha=0.3)
+        return _save(fig, out / "ablation.png")
+
+    line_values = ordered_values(c["values"][1] for c in cells)
+    fig, axs = plt.subplots(1, len(shown), figsize=(6.4 * len(shown), 4.4), sharey=True, squeeze=False)
+    for ax, m in zip(axs[0], shown, strict=True):
+        for v in line_values:
+            px, py, pe = series(m, _value_key(v))
+            ax.errorbar(px, py, yerr=pe, fmt="o-", capsize=4, label=format_value(v))
+        ax.set_title(f"{m} vs {knobs[0]} (mean ± std over seeds)")
+        ax.set_xlabel(knobs[0])
+        ax.set_ylabel(m)
+        _set_x_axis(ax, xs, log, labels)
+        _grid_ticks(ax, xs, x_values, log)
+        ax.grid(alpha=0.3)
+        if len(line_values) > 1:
+            ax.legend(title=knobs[1])
+    return _save(fig, out / "ablation.png")
+
+
+# ------------------------------------------------------------------------------------------- study
+def _step(record: dict) -> Any:
+    step = _metrics(record).get("step")
+    if step is None and record.get("history"):
+        step = record["history"][-1].get("step")
+    return step
+
+
+def best_index(records: Sequence[dict], metric: str, mode: str) -> int | None:
+    """Index of the record with the best ``metric`` (``mode`` ``"max"`` or ``"min"``), ``None`` if none has it."""
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    best = None
+    for i, r in enumerate(records):
+        x = _number(_metrics(r).get(metric))
+        if x is None:
+            continue
+        if best is None or (x > best[1] if mode == "max" else x < best[1]):
+            best = (i, x)
+    return None if best is None else best[0]
+
+
+def write_study_report(
+    records: Sequence[dict],
+    search_keys: list[str],
+    metric: str,
+    mode: str,
+    out_dir: str | Path,
+    optuna_storage: str | None = None,
+    study_name: str | None = None,
+) -> dict[str, Path]:
+    """Write the study's trial table, per-knob scatter plots, history plot and (if possible) importances.
+
+    Args:
+        records: trial records, in trial order.
+        search_keys: the searched knobs' dotted names.
+        metric: the study's metric; ``mode`` (``"max"`` / ``"min"``) says which way is better.
+        out_dir: folder to write into (created if needed).
+        optuna_storage: Optuna storage URL (``"sqlite:///.../optuna.db"``) for parameter importances.
+        study_name: the Optuna study's name in that storage.
+
+    Returns:
+        Paths by key: ``"csv"``, ``"md"``, ``"history"``, ``"metric_vs_<key>"`` per search key and
+        ``"importance"`` when it was written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    best = best_index(records, metric, mode)
+    extras = _present(records, (m for m in EXTRA_STUDY_METRICS if m != metric))
+    headers = ["trial_id", "state", *search_keys, "step", metric, *extras]
+
+    def row(r: dict) -> list:
+        params, mets = r.get("params") or {}, _metrics(r)
+        return [
+            r.get("trial_id", ""),
+            r.get("state", ""),
+            *(params.get(k) for k in search_keys),
+            _step(r),
+            *(mets.get(m) for m in [metric, *extras]),
+        ]
+
+    raw = [row(r) for r in records]
+    paths = {"csv": _write_csv(out / "study_trials.csv", headers, ([_csv_value(v) for v in r] for r in raw))}
+
+    sign = -1.0 if mode == "max" else 1.0
+
+    def sort_key(i: int) -> tuple:
+        x = _number(_metrics(records[i]).get(metric))
+        return (x is None, 0.0 if x is None else sign * x, i)
+
+    def md_row(values: list) -> list[str]:
+        n_fixed = 3 + len(search_keys)  # trial_id, state, knobs, step: short form; metrics: 4 decimals
+        return [format_value(v) for v in values[:n_fixed]] + [
+            f"{v:.4f}" if _number(v) is not None else format_value(v) for v in values[n_fixed:]
+        ]
+
+    order = sorted(range(len(records)), key=sort_key)
+    md_rows = [["*" if i == best else "", *md_row(raw[i])] for i in order]
+    text = f"# Study trials ({metric}, {mode})\n\n`*` = best trial. {metric_note(metric)}\n\n"
+    paths["md"] = out / "study.md"
+    paths["md"].write_text(text + markdown_table(["best", *headers], md_rows), encoding="utf-8")
+
+    for key in search_keys:
+        name = f"metric_vs_{key.replace('.', '_')}"
+        paths[name] = _plot_metric_vs(records, key, metric, best, out / f"{name}.png")
+    paths["history"] = _plot_history(records, metric, mode, best, out / "history.png")
+    if optuna_storage and study_name:
+        importances = param_importances(optuna_storage, study_name)
+        if importances:
+            paths["importance"] = _plot_importance(importances, study_name, out / "importance.png")
+    return paths
+
+
+def _scatter_by_state(ax, points: list[tuple[float, float, str]]) -> None:
+    """Scatter ``(x, y, state)``: done filled, stopped hollow, others by their own marker."""
+    for state in ordered_values(p[2] for p in points):
+        marker, filled, colour = _STATE_STYLE.get(state, ("^", False, "tab:gray"))
+        px = [p[0] for p in points if p[2] == state]
+        py = [p[1] for p in points if p[2] == state]
+        face = colour if filled else "none"
+        ax.scatter(px, py, marker=marker, s=40, facecolors=face, edgecolors=colour, label=state)
+
+
+def _mark_best(ax, x: float, y: float) -> None:
+    ax.scatter([x], [y], marker="*", s=260, c="gold", edgecolors="black", zorder=5, label="best")
+
+
+def _plot_metric_vs(records: Sequence[dict], key: str, metric: str, best: int | None, path: Path) -> Path:
+    plt = _pyplot()
+    usable = [
+        (i, r)
+        for i, r in enumerate(records)
+        if key in (r.get("params") or {}) and _number(_metrics(r).get(metric)) is not None
+    ]
+    values = ordered_values(r["params"][key] for _, r in usable)
+    xs, log, labels = _x_positions(values)
+    x_of = {_value_key(v): x for v, x in zip(values, xs, strict=True)}
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    points = [(x_of[_value_key(r["params"][key])], _number(_metrics(r)[metric]), r.get("state", "")) for _, r in usable]
+    _scatter_by_state(ax, points)
+    for (i, _), p in zip(usable, points, strict=True):
+        if i == best:
+            _mark_best(ax, p[0], p[1])
+    _set_x_axis(ax, xs, log, labels)
+    ax.set_xlabel(key)
+    ax.set_ylabel(f"{metric} (last reported)")
+    ax.set_title(f"{metric} vs {key}")
+    ax.grid(alpha=0.3)
+    if points:
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _plot_history(records: Sequence[dict], metric: str, mode: str, best: int | None, path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    points, run_x, run_y, current = [], [], [], None
+    for i, r in enumerate(records, start=1):
+        y = _number(_metrics(r).get(metric))
+        if y is None:
+            continue
+        points.append((float(i), y, r.get("state", "")))
+        if current is None or (y > current if mode == "max" else y < current):
+            current = y
+        run_x.append(float(i))
+        run_y.append(current)
+    _scatter_by_state(ax, points)
+    if run_x:
+        ax.step(run_x, run_y, where="post", color="tab:green", label=f"running best ({mode})")
+    if best is not None:
+        _mark_best(ax, float(best + 1), _number(_metrics(records[best])[metric]))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trial (in order)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per trial")
+    ax.grid(alpha=0.3)
+    if points:
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def param_importances(storage: str, study_name: str) -> dict[str, float] | None:
+    """Optuna (fANOVA) parameter importances of a single-objective study, most important first.
+
+    Returns ``None`` (never raises) when the study cannot be loaded, is multi-objective, has fewer
+    than 2 COMPLETE trials, has no parameter that varies, or the evaluator fails.
+    """
+    import optuna
+    from optuna.exceptions import ExperimentalWarning
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        try:
+            study = optuna.load_study(study_name=study_name, storage=storage)
+            if len(study.directions) != 1:
+                return None
+            complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if len(complete) < 2:
+                return None
+            names = {n for t in complete for n in t.params}
+            if not any(len({repr(t.params.get(n)) for t in complete}) > 1 for n in names):
+                return None
+            evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+            return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
+        except Exception:  # importances are optional: too few or degenerate trials
+            return None
+
+
+def _plot_importance(importances: dict[str, float], study_name: str, path: Path) -> Path:
+    plt = _pyplot()
+    names = list(importances)[::-1]  # most important on top
+    fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.45 * len(names)))
+    ax.barh(names, [importances[n] for n in names], color="tab:blue")
+    ax.set_xlabel("importance (fANOVA, normalised)")
+    ax.set_ylabel("parameter")
+    ax.set_title(f"Parameter importances: {study_name}")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)

@@ -1,0 +1,129 @@
+"""Ablations: a grid over one (or two) knobs × seeds, run as Ray Tune trials without a searcher.
+
+An ablation named N lands in ``<storage>/N/``: ``ablation.yaml`` (resolved), ``tune/`` (the Tune
+experiment), ``trials/<trial_id>/`` (run folders) and the outputs ``ablation.csv`` (mean ± std per
+grid cell), ``ablation.md`` and ``ablation.png``.  Each seed sets ``train.seed`` and ``data.seed``
+together (a different labeled split and initialisation per seed).  Running the same command again
+after an interruption resumes the grid; finished trials are kept.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raykd.config import AblationConfig, parse_config, read_yaml
+from raykd.errors import ConfigError
+from raykd.tune.space import check_key, check_metric, with_params
+from raykd.tune.study import (
+    TUNE_DIR,
+    ProgressTable,
+    _trial_dirname,
+    collect_trials,
+    concurrency,
+    init_ray_for,
+    make_trainable,
+)
+
+ABLATION_FILE = "ablation.yaml"
+SEED_KEYS = ("train.seed", "data.seed")
+
+
+def load_ablation(path: str | Path, storage: str | None = None) -> AblationConfig:
+    raw = read_yaml(path)
+    if storage is not None:
+        raw["storage"] = storage
+    abl = parse_config(raw, AblationConfig)
+    check_ablation(abl)
+    return abl
+
+
+def check_ablation(abl: AblationConfig) -> None:
+    """Grid keys exist, every value gives a valid run config, the metric is reported, data exists."""
+    for key, values in abl.grid.items():
+        check_key(abl.base, key, field=f"grid.{key}")
+        if not values:
+            raise ConfigError(f"grid.{key}", "needs at least one value")
+        for v in values:
+            try:
+                with_params(abl.base, {key: v})
+            except ConfigError as e:
+                raise ConfigError(f"grid.{key}", f"value {v!r} is invalid for {e.field}: {e.message}") from None
+    check_metric(abl.base, abl.metric, field="metric")
+    from raykd.cli import preflight
+
+    preflight(abl.base)
+
+
+def folder_of(abl: AblationConfig) -> Path:
+    return Path(abl.storage or "runs") / abl.name
+
+
+def records(folder: Path, abl: AblationConfig) -> list[dict[str, Any]]:
+    """Trial records with the grid knobs and ``seed`` as params."""
+    recs = collect_trials(folder, [*abl.grid, "train.seed"], abl.base.train.steps)
+    for r in recs:
+        r["params"]["seed"] = r["params"].pop("train.seed")
+    return recs
+
+
+def write_report(folder: Path, abl: AblationConfig) -> dict[str, Path]:
+    from raykd.report import write_ablation_report
+
+    return write_ablation_report(records(folder, abl), list(abl.grid), abl.metric, folder)
+
+
+def run(abl: AblationConfig, address: str | None = None) -> int:
+    """``raykd ablate``: run (or resume) the grid, then write the CSV, Markdown table and plot."""
+    from ray import tune
+
+    folder = folder_of(abl)
+    keys = list(abl.grid)
+    n_trials = len(abl.seeds) * _cells(abl)
+    cluster = init_ray_for(abl.base, address)
+    max_conc = concurrency(abl.base, n_trials, abl.max_concurrent, cluster)
+    tune_dir = (folder / TUNE_DIR).resolve()
+    trainable = make_trainable(abl.base, keys, folder, seed_keys=SEED_KEYS)
+    started = time.time()
+    if tune.Tuner.can_restore(str(tune_dir)):
+        old = parse_config(read_yaml(folder / ABLATION_FILE), AblationConfig)
+        if old.model_dump() != abl.model_dump():
+            raise ConfigError("name", f"{folder} holds a different ablation; pick another name or --storage")
+        print(f"resuming ablation {abl.name} in {folder} (finished trials are kept)", flush=True)
+        tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True).fit()
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ABLATION_FILE).write_text(yaml.safe_dump(abl.model_dump(mode="json"), sort_keys=False))
+        grid = " x ".join(f"{k} {v}" for k, v in abl.grid.items())
+        print(f"raykd ablate {abl.name}: {grid} x seeds {abl.seeds} = {n_trials} runs of {abl.base.method.name} on "
+              f"{abl.base.data.name}, {max_conc} at a time; folder {folder}", flush=True)  # fmt: skip
+        param_space = {k: tune.grid_search(v) for k, v in abl.grid.items()}
+        param_space["seed"] = tune.grid_search(abl.seeds)
+        tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=max_conc,
+                                        trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(
+                name=TUNE_DIR, storage_path=str(folder.resolve()), verbose=0,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=abl.base.train.keep_checkpoints),
+                callbacks=[ProgressTable([*keys, "seed"], abl.metric, "max", abl.base.train.steps)],
+            ),
+        ).fit()  # fmt: skip
+    paths = write_report(folder, abl)
+    recs = records(folder, abl)
+    done = sum(r["state"] == "done" for r in recs)
+    print(f"\nablation {abl.name}: {done}/{n_trials} runs finished in {time.time() - started:.0f} s")
+    print(Path(paths["md"]).read_text())
+    print(f"table: {paths['csv']}\nplot:  {paths['png']}")
+    return 0 if done == n_trials else 1
+
+
+def _cells(abl: AblationConfig) -> int:
+    n = 1
+    for values in abl.grid.values():
+        n *= len(values)
+    return n
