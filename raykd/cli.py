@@ -73,13 +73,6 @@ def resolve_run_dir(config_path: str, out: str | None, resolved: dict[str, Any])
     raise ConfigError("--out", "no free run folder under runs/; pass --out")
 
 
-def preflight(cfg) -> None:
-    """Checks that need the machine, done before Ray starts: data on disk, GPUs when asked for."""
-    from raykd.data import prepare_data
-
-    prepare_data(cfg.data.name, cfg.data.root, cfg.data.labels_per_class, cfg.data.val_per_class, cfg.data.seed)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     import yaml
 
@@ -94,7 +87,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "scaling.use_gpu",
                 "true but this machine has no CUDA GPU; set it to false or join a GPU cluster with --address",
             )
-    preflight(cfg)
+    from raykd.data import data_of
+
+    data_of(cfg)  # pre-flight: the data is on disk (ConfigError on data.root otherwise)
     text = dump_run_config(cfg)
     run_dir, resuming = resolve_run_dir(args.config, args.out, yaml.safe_load(text))
     run_dir.mkdir(parents=True, exist_ok=True)

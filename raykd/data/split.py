@@ -192,3 +192,12 @@ def _take(dataset: ArrayDataset, index: torch.Tensor) -> ArrayDataset:
     if index.numel() == len(dataset) and torch.equal(index, torch.arange(len(dataset))):
         return dataset
     return ArrayDataset(dataset.images[index].contiguous(), dataset.labels[index].contiguous())
+
+
+def data_of(run) -> SSLData:
+    """The :class:`SSLData` of a run config's ``data`` section (cached loaders).
+
+    Also the pre-flight check before Ray starts: a missing folder raises ConfigError on data.root.
+    """
+    d = run.data
+    return prepare_data(d.name, d.root, d.labels_per_class, d.val_per_class, d.seed)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from raykd.config import RunConfig
-from raykd.data import ArrayDataset, SSLData, prepare_data
+from raykd.data import ArrayDataset, SSLData, data_of
 from raykd.data.augment import Augmenter
 from raykd.methods import METHODS, Batch, Method
 from raykd.models import build_model
@@ -143,7 +143,7 @@ def train_loop(
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
 
-    data = prepare_data(cfg.data.name, cfg.data.root, cfg.data.labels_per_class, cfg.data.val_per_class, cfg.data.seed)
+    data = data_of(cfg)
     torch.manual_seed(t.seed)  # identical initialisation on every rank
     c, h, _ = data.image_shape
     raw = build_model(

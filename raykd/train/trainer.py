@@ -86,9 +86,9 @@ def format_progress(rec: dict[str, Any], steps: int) -> str:
 class _ProgressTail(threading.Thread):
     """Prints new lines of ``progress.jsonl`` while the trainer runs."""
 
-    def __init__(self, path: Path, steps: int, out=sys.stdout):
+    def __init__(self, path: Path, steps: int, out=None):
         super().__init__(daemon=True)
-        self.path, self.steps, self.out = path, steps, out
+        self.path, self.steps, self.out = path, steps, out or sys.stdout  # resolved now, not at import
         self.pos = path.stat().st_size if path.exists() else 0
         self.stop = threading.Event()
 
@@ -149,7 +149,7 @@ def run_training(
     run_dir: str | Path,
     address: str | None = None,
     verbose: bool = False,
-    out=sys.stdout,
+    out=None,
     stop_at: int | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` with a ``TorchTrainer`` sized by ``cfg.scaling``; return the last metrics.

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from raykd.config import AblationConfig, parse_config, read_yaml
+from raykd.data import data_of
 from raykd.errors import ConfigError
 from raykd.tune.space import check_key, check_metric, with_params
 from raykd.tune.study import (
@@ -53,9 +54,7 @@ def check_ablation(abl: AblationConfig) -> None:
             except ConfigError as e:
                 raise ConfigError(f"grid.{key}", f"value {v!r} is invalid for {e.field}: {e.message}") from None
     check_metric(abl.base, abl.metric, field="metric")
-    from raykd.cli import preflight
-
-    preflight(abl.base)
+    data_of(abl.base)
 
 
 def folder_of(abl: AblationConfig) -> Path:

@@ -30,6 +30,7 @@ from ray.tune import Callback
 
 import raykd
 from raykd.config import RunConfig, StudyConfig, dump_run_config, parse_config, parse_run_config, read_yaml
+from raykd.data import data_of
 from raykd.errors import ConfigError
 from raykd.tune.space import Dist, check_metric, resolve_search, short_names, suggest, with_params
 from raykd.tune.trial import TRIALS_DIR, run_trial, trial_needs, trial_resources
@@ -61,9 +62,7 @@ def check_study(study: StudyConfig) -> dict[str, Dist]:
     if study.tune.metric.startswith("test_acc") or study.tune.metric == "best_test_acc":
         print(f"warning: selecting on {study.tune.metric} tunes on the test set; set base.data.val_per_class and "
               "tune.metric: val_acc for an unbiased test figure", file=sys.stderr)  # fmt: skip
-    from raykd.cli import preflight
-
-    preflight(study.base)
+    data_of(study.base)
     return space
 
 
