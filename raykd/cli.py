@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from raykd.config import AblationConfig, parse_config, read_yaml
-from raykd.errors import ConfigError
+from raykd.errors import ConfigError, raykd_command
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = run_training(cfg, run_dir, address=args.address, verbose=args.verbose)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; resume with: raykd train {args.config} --out {run_dir}", file=sys.stderr)
+        print(f"\ninterrupted; resume with: {raykd_command()} train {args.config} --out {run_dir}", file=sys.stderr)
         return 130
     acc = f"test_acc {result.get('test_acc', float('nan')):.4f}"
     if "val_acc" in result:
@@ -194,7 +194,7 @@ def cmd_study_export(args: argparse.Namespace) -> int:
     if not (d / study.STUDY_FILE).exists():
         raise ConfigError(args.dir, f"not a study folder (no {study.STUDY_FILE})")
     for path in study.export(d, Path(args.out), top_k=args.top_k):
-        print(f"wrote {path}  (re-run: raykd train {path})")
+        print(f"wrote {path}  (re-run: {raykd_command()} train {path})")
     return 0
 
 

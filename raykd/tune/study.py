@@ -31,7 +31,7 @@ from ray.tune import Callback
 import raykd
 from raykd.config import RunConfig, StudyConfig, dump_run_config, parse_config, parse_run_config, read_yaml
 from raykd.data import data_of
-from raykd.errors import ConfigError
+from raykd.errors import ConfigError, raykd_command
 from raykd.tune.space import Dist, check_metric, resolve_search, short_names, suggest, with_params
 from raykd.tune.trial import TRIALS_DIR, run_trial, trial_needs, trial_resources
 
@@ -397,7 +397,7 @@ def _finish(study: StudyConfig, study_dir: Path, wall: float) -> int:
         + " ".join(f"{k}={_fmt(v)}" for k, v in best["params"].items())
     )
     (path,) = export(study_dir, study_dir / "best.yaml")
-    print(f"best config: {path}\nre-run it:   raykd train {path}\nreport:      {study_dir / 'study.md'}")
+    print(f"best config: {path}\nre-run it:   {raykd_command()} train {path}\nreport:      {study_dir / 'study.md'}")
     return 0
 
 
