@@ -226,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true", help="show Ray's own logs and full tracebacks")
+    common.add_argument("--address", help="Ray cluster to join (e.g. auto); default: start a local one")
 
     tr = sub.add_parser("train", parents=[common], help="one training run (Ray Train, DDP)")
     tr.add_argument("config", help="run config YAML")
@@ -237,14 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. --set method.threshold=0.9 (repeatable)",
     )
     tr.add_argument("--out", help="run folder (default runs/<config name>)")
-    tr.add_argument("--address", help="Ray cluster to join (e.g. auto); default: start a local one")
     tr.set_defaults(func=cmd_train)
 
     st = sub.add_parser("study", help="hyperparameter studies (Ray Tune + Optuna)")
     st_sub = st.add_subparsers(dest="study_command", required=True, parser_class=_Parser)
     sr = st_sub.add_parser("run", parents=[common], help="start a study")
     sr.add_argument("config", help="study YAML (name, base, search, tune)")
-    sr.add_argument("--address", help="Ray cluster to join (e.g. auto); default: start a local one")
     sr.add_argument("--storage", help="parent folder of the study folder (default runs/)")
     sr.add_argument("--name", help="study name (default: the file's name field)")
     sr.set_defaults(func=cmd_study_run)
@@ -253,7 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
     ss.set_defaults(func=cmd_study_status)
     su = st_sub.add_parser("resume", parents=[common], help="finish an interrupted study; finished trials are kept")
     su.add_argument("dir", help="study folder")
-    su.add_argument("--address", help="Ray cluster to join")
     su.set_defaults(func=cmd_study_resume)
     se = st_sub.add_parser("export", help="write the best trial's complete run config")
     se.add_argument("dir", help="study folder")
@@ -266,7 +264,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ab.add_argument("config", help="ablation YAML (name, base, grid, seeds, metric)")
     ab.add_argument("--storage", help="parent folder of the ablation folder (default runs/)")
-    ab.add_argument("--address", help="Ray cluster to join")
     ab.set_defaults(func=cmd_ablate)
 
     rp = sub.add_parser("report", help="tables and plots of a study or ablation folder")
