@@ -95,6 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(text)
 
+    from raykd.train.teacher import prepare_teacher
     from raykd.train.trainer import run_training
 
     t, s, d = cfg.train, cfg.scaling, cfg.data
@@ -112,7 +113,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        result = run_training(cfg, run_dir, address=args.address, verbose=args.verbose)
+        teacher_dir = prepare_teacher(cfg, run_dir.parent, args.address)
+        result = run_training(cfg, run_dir, address=args.address, verbose=args.verbose, teacher_dir=teacher_dir)
     except KeyboardInterrupt:
         print(f"\ninterrupted; resume with: {raykd_command()} train {args.config} --out {run_dir}", file=sys.stderr)
         return 130

@@ -184,6 +184,29 @@ class ScalingConfig(Strict):
     gpus_per_worker: float = Field(1.0, gt=0, description="fractional allowed, used when use_gpu")
 
 
+class TeacherConfig(Strict):
+    """The frozen teacher of a distillation method: exactly one of ``checkpoint`` or ``run``.
+
+    ``checkpoint``: a raykd run folder (``config.yaml`` + checkpoints), one of its checkpoint folders,
+    or a ``state.pt`` inside one; the architecture comes from that run's config.yaml.
+    ``run``: a run config (supervised or FixMatch, any model) that trains the teacher.  It is trained
+    once, before the student, into ``teachers/teacher-<hash of its resolved config>/`` beside the run
+    (or inside the study folder) and reused by every run and trial with the same teacher.
+    """
+
+    checkpoint: str | None = None
+    run: RunConfig | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TeacherConfig:
+        if (self.checkpoint is None) == (self.run is None):
+            raise ConfigError("teacher", "set exactly one of teacher.checkpoint (a raykd run folder) or teacher.run "
+                              "(a run config that trains the teacher)")  # fmt: skip
+        if self.run is not None and self.run.teacher is not None:
+            raise ConfigError("teacher.run.teacher", "a teacher's run cannot have a teacher of its own")
+        return self
+
+
 class RunConfig(Strict):
     """The complete description of one training run."""
 
@@ -192,6 +215,7 @@ class RunConfig(Strict):
     method: SerializeAsAny[MethodConfig]
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    teacher: TeacherConfig | None = Field(None, description="frozen teacher (distillation methods)")
     provenance: dict[str, Any] | None = Field(
         None, description="where an exported config came from (study, trial, metrics); not used for training"
     )
@@ -212,6 +236,21 @@ class RunConfig(Strict):
             raise _config_error(e, prefix="method", root=method.Config) from None
 
     @model_validator(mode="after")
+    def _check_teacher(self) -> RunConfig:
+        from raykd.methods import METHODS
+
+        needs = METHODS.get(self.method.name).needs_teacher
+        if needs and self.teacher is None:
+            raise ConfigError("teacher", f"{self.method.name} needs a teacher: set teacher.checkpoint (a raykd run "
+                              "folder) or teacher.run (a run config that trains it)")  # fmt: skip
+        if not needs and self.teacher is not None:
+            raise ConfigError("teacher", f"{self.method.name} uses no teacher; remove the teacher section")
+        if self.teacher is not None and self.teacher.run is not None and self.teacher.run.data.name != self.data.name:
+            raise ConfigError("teacher.run.data.name", f"the teacher must be trained on {self.data.name!r} too "
+                              "(the student's dataset)")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
     def _check_batch_split(self) -> RunConfig:
         w = self.scaling.num_workers
         if self.train.batch_size % w:
@@ -221,6 +260,9 @@ class RunConfig(Strict):
                 f"use a multiple of {w} (the global batch is split evenly across workers)",
             )
         return self
+
+
+TeacherConfig.model_rebuild()  # its ``run`` field is a RunConfig, defined after it
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,7 +384,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
 
 def dump_run_config(cfg: RunConfig) -> str:
     """The resolved config (defaults merged) as YAML, re-loadable by :func:`load_run_config`."""
-    exclude = {"provenance"} if cfg.provenance is None else None
+    exclude = {k for k in ("provenance", "teacher") if getattr(cfg, k) is None}
     return yaml.safe_dump(cfg.model_dump(mode="json", exclude=exclude), sort_keys=False)
 
 

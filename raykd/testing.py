@@ -15,8 +15,11 @@ from raykd.config import RunConfig, parse_run_config
 def tiny_run_config(method: str, **sections: dict[str, Any]) -> RunConfig:
     """A run config that trains ``method`` on digits for a handful of tiny CPU steps.
 
-    Keyword arguments merge into the sections, e.g. ``train={"steps": 4}``.
+    Keyword arguments merge into the sections, e.g. ``train={"steps": 4}``.  A method that needs a
+    teacher gets ``teacher.run``: a tiny supervised run (train it with :func:`tiny_teacher`).
     """
+    from raykd.methods import METHODS
+
     raw: dict[str, Any] = {
         "data": {"name": "digits", "labels_per_class": 4, "val_per_class": 2, "seed": 0},
         "model": {"name": "small_cnn", "width": 8},
@@ -24,9 +27,23 @@ def tiny_run_config(method: str, **sections: dict[str, Any]) -> RunConfig:
         "train": {"steps": 2, "batch_size": 8, "uratio": 2, "eval_every": 2, "eval_batch_size": 256, "seed": 0},
         "scaling": {"num_workers": 1},
     }
+    if METHODS.get(method).needs_teacher:
+        teacher = {k: dict(v) for k, v in raw.items() if k != "method"}
+        teacher["method"] = {"name": "supervised"}
+        teacher["train"].update(steps=20, eval_every=20)
+        raw["teacher"] = {"run": teacher}
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return parse_run_config(raw)
+
+
+def tiny_teacher(cfg: RunConfig, cache_root: str | Path) -> Path | None:
+    """Train ``cfg``'s teacher in-process (cached like the drivers do); its folder, or None."""
+    from raykd.train.context import LocalSession
+    from raykd.train.loop import train_loop
+    from raykd.train.teacher import ensure_teacher
+
+    return ensure_teacher(cfg, Path(cache_root), lambda tcfg, d: train_loop(tcfg, LocalSession(d), d))
 
 
 def flat_state(module: torch.nn.Module) -> torch.Tensor:
@@ -50,4 +67,4 @@ def ddp_probe_worker(config: dict[str, Any]) -> None:
         torch.save(state, out / f"rank_{ctx.rank}.pt")
         (out / f"rank_{ctx.rank}.json").write_text(json.dumps({"world_size": ctx.world_size}))
 
-    train_loop(cfg, RayTrainSession(), config["run_dir"], on_end=dump)
+    train_loop(cfg, RayTrainSession(), config["run_dir"], on_end=dump, teacher_dir=config.get("teacher_dir"))

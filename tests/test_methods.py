@@ -11,7 +11,7 @@ import torch
 
 from raykd.methods import METHODS
 from raykd.models import build_model
-from raykd.testing import flat_state, tiny_run_config
+from raykd.testing import flat_state, tiny_run_config, tiny_teacher
 from raykd.train.context import LocalSession
 from raykd.train.loop import train_loop
 
@@ -26,7 +26,7 @@ def test_one_tiny_train_step_in_process(method, tmp_path):
         seen["ctx"] = ctx
 
     session = LocalSession(tmp_path)
-    metrics = train_loop(cfg, session, tmp_path, on_end=grab)
+    metrics = train_loop(cfg, session, tmp_path, on_end=grab, teacher_dir=tiny_teacher(cfg, tmp_path))
     assert metrics["step"] == 1 and 0.0 <= metrics["test_acc"] <= 1.0
     assert math.isfinite(metrics["loss"])
     torch.manual_seed(cfg.train.seed)  # the loop's initialisation, rebuilt: the step moved the weights
@@ -44,9 +44,15 @@ def test_two_ddp_ranks_keep_identical_weights(method, tmp_path, ray_local):
     from raykd.testing import ddp_probe_worker
 
     cfg = tiny_run_config(method, train={"steps": 3, "eval_every": 3}, scaling={"num_workers": 2})
+    teacher = tiny_teacher(cfg, tmp_path)
     TorchTrainer(
         ddp_probe_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(tmp_path), "probe_dir": str(tmp_path)},
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "run_dir": str(tmp_path),
+            "probe_dir": str(tmp_path),
+            "teacher_dir": str(teacher) if teacher else None,
+        },  # fmt: skip
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(

@@ -221,3 +221,21 @@ def test_asha_stops_two_worker_train_in_tune_trials_without_hanging(tmp_path):
     d = tmp_path / "runs" / "asha"
     assert len(list(d.glob("trials/*/config.yaml"))) == 3
     assert any((p / "train").is_dir() for p in (d / "trials").iterdir())  # Train-in-Tune checkpoints
+
+
+@pytest.mark.ray
+def test_study_trains_the_teacher_once_for_all_trials(tmp_path, ray_local, capsys):
+    base = tiny_run_config("kd", train={"steps": 4, "eval_every": 2}).model_dump(mode="json", exclude={"provenance"})
+    raw = {"name": "kdstudy", "base": base, "search": {"method.temperature": "default", "method.alpha": "default"},
+           "tune": {"num_samples": 3, "scheduler": "none", "max_concurrent": 2}}  # fmt: skip
+    rc = main(["study", "run", str(write(tmp_path, raw)), "--storage", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    d = tmp_path / "runs" / "kdstudy"
+    teachers = list((d / "teachers").glob("teacher-*/"))
+    assert len(teachers) == 1 and out.count("training the teacher first") == 1
+    steps = [json.loads(x)["step"] for x in (teachers[0] / "progress.jsonl").read_text().splitlines()]
+    assert steps == [20]  # one training run of the teacher, not one per trial
+    assert len(list(d.glob("trials/*/result.json"))) == 3
+    assert main(["study", "resume", str(d)]) == 0  # resuming finds the cached teacher
+    assert "training the teacher first" not in capsys.readouterr().out

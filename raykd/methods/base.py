@@ -65,6 +65,8 @@ class Method(abc.ABC):
     Attributes:
         Config: the method's knobs (a MethodConfig subclass with a ``name: Literal[...]`` field).
         uses_unlabeled: whether batches carry unlabeled data (``train.uratio`` × B per step).
+        needs_teacher: whether the run config must name a teacher (``ctx.teacher`` is then the frozen
+            teacher model, in eval mode, without gradients, outside the optimiser).
         logs: the names ``train_step`` logs (reported as metrics; a study may optimise them).
         ctx: the step context (device, model, augmentations, ranks, config).
         cfg: the method's validated knobs.
@@ -72,6 +74,7 @@ class Method(abc.ABC):
 
     Config: ClassVar[type[MethodConfig]]
     uses_unlabeled: ClassVar[bool] = True
+    needs_teacher: ClassVar[bool] = False
     logs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: StepContext):

@@ -89,7 +89,8 @@ class StepContext:
         model: the student as called in training (DDP-wrapped when world_size > 1).
         raw_model: the unwrapped student (for ``features``/``classifier`` access).
         augmenter: the batched on-device augmentation pipeline.
-        generator: this rank's RNG for augmentations (seeded by run seed, rank and start step).
+        generator: this rank's RNG for augmentations (seeded by run seed, rank and step).
+        teacher: the frozen teacher (eval mode, no gradients, not optimised) or None.
     """
 
     run: RunConfig
@@ -102,6 +103,7 @@ class StepContext:
     augmenter: Augmenter
     generator: torch.Generator
     channels_last: bool = False
+    teacher: nn.Module | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

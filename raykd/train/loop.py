@@ -30,6 +30,7 @@ from raykd.models import build_model
 from raykd.train.context import Session, StepContext, append_progress, write_result
 from raykd.train.ema import ModelEMA
 from raykd.train.sampler import GlobalBatchSampler
+from raykd.train.teacher import load_teacher
 
 CHECKPOINT_FILE = "state.pt"
 #: metrics every run reports at each evaluation (besides its method's ``logs``)
@@ -125,6 +126,7 @@ def train_loop(
     run_dir: str | Path,
     stop_at: int | None = None,
     on_end: Callable[[StepContext, Method], None] | None = None,
+    teacher_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train one run on this worker; returns the last reported metrics.
 
@@ -135,6 +137,8 @@ def train_loop(
         stop_at: stop after the report at this step (simulates an interruption; for tests).
         on_end: called on every rank with the context and method after the last step (tests use it
             to compare per-rank weights and state).
+        teacher_dir: the teacher's run folder (from :func:`raykd.train.teacher.ensure_teacher`) when
+            the method needs a teacher.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,6 +167,11 @@ def train_loop(
 
     augmenter = Augmenter(hflip=data.hflip, ra_num_ops=t.ra_num_ops, mean=data.mean, std=data.std)
     generator = torch.Generator(device=device)
+    teacher = None
+    if cfg.teacher is not None:
+        if teacher_dir is None:
+            raise ValueError("this run has a teacher: pass teacher_dir (raykd.train.teacher.ensure_teacher)")
+        teacher = load_teacher(teacher_dir, device)
     ctx = StepContext(
         run=cfg,
         data=data,
@@ -174,6 +183,7 @@ def train_loop(
         augmenter=augmenter,
         generator=generator,
         channels_last=channels_last,
+        teacher=teacher,
     )
     method: Method = METHODS.get(cfg.method.name)(ctx)
     method.setup()

@@ -60,24 +60,25 @@ class RayTrainSession:
 def _worker_fn(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker."""
     cfg = parse_run_config(config["config"])
-    train_loop(cfg, RayTrainSession(), config["run_dir"], stop_at=config.get("stop_at"))
+    train_loop(cfg, RayTrainSession(), config["run_dir"], stop_at=config.get("stop_at"),
+               teacher_dir=config.get("teacher_dir"))  # fmt: skip
+
+
+#: progress-line names for log keys (others are shown under their own name)
+SHORT_NAMES = {"mask_rate": "mask"}
+_LOOP_KEYS = {"step", "epoch", "lr", "img_per_s", "global_batch", "global_ubatch", "world_size", "time",
+              "best_test_acc", "best_val_acc", "test_acc_at_best_val", "val_acc", "test_acc"}  # fmt: skip
 
 
 def format_progress(rec: dict[str, Any], steps: int) -> str:
-    """One progress line: step, losses, mask rate, pseudo-label accuracy, accuracies, speed."""
+    """One progress line: step, the losses and the method's logs, validation/test accuracy, speed."""
     parts = [f"step {rec['step']:>{len(str(steps))}}/{steps}"]
-    for key, short in (
-        ("loss", "loss"),
-        ("loss_x", "loss_x"),
-        ("loss_u", "loss_u"),
-        ("mask_rate", "mask"),
-        ("pseudo_acc", "pseudo_acc"),
-        ("val_acc", "val_acc"),
-        ("test_acc", "test_acc"),
-    ):
+    logs = [k for k in rec if k not in _LOOP_KEYS]
+    for key in [*logs, "val_acc", "test_acc"]:
         v = rec.get(key)
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            parts.append(f"{short} {v:.4f}" if key.endswith("_acc") or key == "mask_rate" else f"{short} {v:.3f}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            digits = 3 if key.startswith("loss") else 4
+            parts.append(f"{SHORT_NAMES.get(key, key)} {v:.{digits}f}")
     if "img_per_s" in rec:
         parts.append(f"{rec['img_per_s']:.0f} img/s")
     return " | ".join(parts)
@@ -151,6 +152,7 @@ def run_training(
     verbose: bool = False,
     out=None,
     stop_at: int | None = None,
+    teacher_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` with a ``TorchTrainer`` sized by ``cfg.scaling``; return the last metrics.
 
@@ -170,7 +172,12 @@ def run_training(
         resources["GPU"] = s.gpus_per_worker
     trainer = TorchTrainer(
         _worker_fn,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "stop_at": stop_at},
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "run_dir": str(run_dir),
+            "stop_at": stop_at,
+            "teacher_dir": str(teacher_dir) if teacher_dir else None,
+        },
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources

@@ -18,6 +18,7 @@ import yaml
 from raykd.config import AblationConfig, parse_config, read_yaml
 from raykd.data import data_of
 from raykd.errors import ConfigError
+from raykd.train.teacher import prepare_teacher
 from raykd.tune.space import check_key, check_metric, with_params
 from raykd.tune.study import (
     TUNE_DIR,
@@ -85,7 +86,9 @@ def run(abl: AblationConfig, address: str | None = None) -> int:
     cluster = init_ray_for(abl.base, address)
     max_conc = concurrency(abl.base, n_trials, abl.max_concurrent, cluster)
     tune_dir = (folder / TUNE_DIR).resolve()
-    trainable = make_trainable(abl.base, keys, folder, seed_keys=SEED_KEYS)
+    folder.mkdir(parents=True, exist_ok=True)
+    teacher_dir = prepare_teacher(abl.base, folder, address)
+    trainable = make_trainable(abl.base, keys, folder, seed_keys=SEED_KEYS, teacher_dir=teacher_dir)
     started = time.time()
     if tune.Tuner.can_restore(str(tune_dir)):
         old = parse_config(read_yaml(folder / ABLATION_FILE), AblationConfig)

@@ -32,6 +32,7 @@ import raykd
 from raykd.config import RunConfig, StudyConfig, dump_run_config, parse_config, parse_run_config, read_yaml
 from raykd.data import data_of
 from raykd.errors import ConfigError, raykd_command
+from raykd.train.teacher import prepare_teacher
 from raykd.tune.space import Dist, check_metric, resolve_search, short_names, suggest, with_params
 from raykd.tune.trial import TRIALS_DIR, run_trial, trial_needs, trial_resources
 
@@ -109,23 +110,29 @@ def init_ray_for(study_base: RunConfig, address: str | None) -> dict[str, float]
 # the trainable and the tuner
 
 
-def make_trainable(base: RunConfig, keys: list[str], study_dir: Path, seed_keys: tuple[str, ...] = ()):
+def make_trainable(
+    base: RunConfig, keys: list[str], study_dir: Path, seed_keys: tuple[str, ...] = (), teacher_dir: Path | None = None
+):
     """The Tune trainable of a study (``keys`` = the searched knobs) or an ablation (the grid knobs;
-    the trial's ``seed`` param goes to every key of ``seed_keys``), with the trial's resources."""
+    the trial's ``seed`` param goes to every key of ``seed_keys``), with the trial's resources.  The
+    teacher, if any, was trained by the driver beforehand (``teacher_dir``); trials only load it."""
     from ray import tune
 
     root, raw = str(study_dir.resolve()), base.model_dump(mode="json")
+    teacher = str(teacher_dir) if teacher_dir else None
 
     def raykd_trial(config: dict[str, Any]) -> None:
         params = {k: config[k] for k in keys}
         params.update({k: config["seed"] for k in seed_keys})
         trial_id = tune.get_context().get_trial_id()
-        run_trial(with_params(raw, params), Path(root) / TRIALS_DIR / trial_id)
+        run_trial(with_params(raw, params), Path(root) / TRIALS_DIR / trial_id, teacher_dir=teacher)
 
     return tune.with_resources(raykd_trial, trial_resources(base))
 
 
-def build_tuner(study: StudyConfig, space: dict[str, Dist], study_dir: Path, max_concurrent: int):
+def build_tuner(
+    study: StudyConfig, space: dict[str, Dist], study_dir: Path, max_concurrent: int, teacher_dir: Path | None
+):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -144,7 +151,7 @@ def build_tuner(study: StudyConfig, space: dict[str, Dist], study_dir: Path, max
     else:
         scheduler = FIFOScheduler()
     return tune.Tuner(
-        make_trainable(study.base, list(study.search), study_dir),
+        make_trainable(study.base, list(study.search), study_dir, teacher_dir=teacher_dir),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=t.num_samples,
                                     max_concurrent_trials=max_concurrent, trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(
@@ -422,7 +429,8 @@ def run(study: StudyConfig, space: dict[str, Dist], address: str | None = None) 
         flush=True,
     )
     started = time.time()
-    build_tuner(study, space, study_dir, max_conc).fit()
+    teacher_dir = prepare_teacher(study.base, study_dir, address)
+    build_tuner(study, space, study_dir, max_conc, teacher_dir).fit()
     return _finish(study, study_dir, time.time() - started)
 
 
@@ -444,7 +452,8 @@ def resume(study_dir: Path, address: str | None = None) -> int:
             if r["state"] == "done"]  # fmt: skip
     print(f"resuming study {study.name} in {study_dir}: {len(done)} finished trial(s) kept", flush=True)
     started = time.time()
-    trainable = make_trainable(study.base, list(study.search), study_dir)
+    teacher_dir = prepare_teacher(study.base, study_dir, address)  # cached: found, not retrained
+    trainable = make_trainable(study.base, list(study.search), study_dir, teacher_dir=teacher_dir)
     tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
                                resume_errored=True)  # fmt: skip
     tuner.fit()

@@ -80,7 +80,7 @@ def trial_needs(cfg: RunConfig) -> dict[str, float]:
     return need
 
 
-def run_trial(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+def run_trial(cfg: RunConfig, run_dir: Path, teacher_dir: str | None = None) -> dict[str, Any]:
     """Train ``cfg`` as the current Tune trial, in ``run_dir``; returns the final metrics."""
     from ray import tune
 
@@ -94,13 +94,13 @@ def run_trial(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.scaling.num_workers == 1:
         from raykd.train.loop import train_loop
 
-        metrics = train_loop(cfg, TuneInlineSession(cfg.scaling.use_gpu), run_dir)
+        metrics = train_loop(cfg, TuneInlineSession(cfg.scaling.use_gpu), run_dir, teacher_dir=teacher_dir)
     else:
-        metrics = _fit_train_in_tune(cfg, run_dir)
+        metrics = _fit_train_in_tune(cfg, run_dir, teacher_dir)
     return metrics  # result.json was written by the loop at the last step
 
 
-def _fit_train_in_tune(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+def _fit_train_in_tune(cfg: RunConfig, run_dir: Path, teacher_dir: str | None) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -113,7 +113,7 @@ def _fit_train_in_tune(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         resources["GPU"] = s.gpus_per_worker
     result = TorchTrainer(
         _worker_fn,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir)},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "teacher_dir": teacher_dir},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources),

@@ -1,0 +1,126 @@
+"""Teachers: trained once (cached by the hash of their resolved run config), loaded frozen.
+
+``ensure_teacher`` runs on the driver before the student (``raykd train``) or before any trial
+starts (``raykd study run`` / ``raykd ablate``), so trials never train a teacher, let alone twice;
+a file lock makes concurrent drivers sharing a cache folder safe too.  ``load_teacher`` runs on every
+worker: it rebuilds the teacher's architecture from its run folder's ``config.yaml``, loads the
+evaluated weights (the EMA copy when the teacher kept one) with ``torch.load(weights_only=True)``, and
+freezes it: eval mode, ``requires_grad=False``, never handed to the optimiser.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from raykd.config import RunConfig, dump_run_config, parse_run_config
+from raykd.errors import ConfigError
+
+TEACHERS_DIR = "teachers"
+STATE_FILE = "state.pt"
+
+
+def teacher_hash(cfg: RunConfig) -> str:
+    """A short stable hash of a resolved run config."""
+    text = json.dumps(cfg.model_dump(mode="json", exclude={"provenance"}), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _find_run_folder(path: Path) -> Path:
+    for d in [path, *path.parents]:
+        if (d / "config.yaml").is_file():
+            return d
+    raise ConfigError("teacher.checkpoint", f"{path} is not inside a raykd run folder (no config.yaml found); "
+                      "point it at the folder `raykd train` wrote")  # fmt: skip
+
+
+def ensure_teacher(cfg: RunConfig, cache_root: Path, train: Callable[[RunConfig, Path], object]) -> Path | None:
+    """The teacher's run folder, training it first with ``train(teacher_cfg, folder)`` if needed.
+
+    Returns None when ``cfg`` has no teacher.  ``teacher.checkpoint`` is checked, never trained.
+    """
+    if cfg.teacher is None:
+        return None
+    if cfg.teacher.checkpoint is not None:
+        path = Path(cfg.teacher.checkpoint)
+        if not path.exists():
+            raise ConfigError("teacher.checkpoint", f"{path} does not exist; give a raykd run folder")
+        _find_run_folder(path.resolve())
+        return path.resolve()
+    folder = (cache_root / TEACHERS_DIR / f"teacher-{teacher_hash(cfg.teacher.run)}").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second driver waits here, then finds the result
+        if not (folder / "result.json").exists():
+            (folder / "config.yaml").write_text(dump_run_config(cfg.teacher.run))
+            train(cfg.teacher.run, folder)
+        if not (folder / "result.json").exists():
+            raise RuntimeError(f"training the teacher in {folder} did not finish")
+    return folder
+
+
+def prepare_teacher(cfg: RunConfig, cache_root: Path, address: str | None = None) -> Path | None:
+    """``ensure_teacher`` on a driver: a missing teacher is trained with ``raykd train``'s machinery
+    (Ray Train, the teacher's own ``scaling``), with progress lines, into ``cache_root/teachers/``."""
+    from raykd.train.trainer import run_training
+
+    def train(tcfg: RunConfig, folder: Path) -> None:
+        t = tcfg.train
+        print(f"training the teacher first: {tcfg.method.name} on {tcfg.data.name} "
+              f"({tcfg.data.labels_per_class or 'all'} labels/class), {tcfg.model.name}, {t.steps} steps -> {folder}",
+              flush=True)  # fmt: skip
+        run_training(tcfg, folder, address=address)
+
+    folder = ensure_teacher(cfg, cache_root, train)
+    if folder is not None:
+        print(f"teacher: {folder} (frozen)", flush=True)
+    return folder
+
+
+def _latest_state(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if (path / STATE_FILE).is_file():
+        return path / STATE_FILE
+    found = sorted(path.glob(f"**/checkpoint*/{STATE_FILE}")) + sorted(path.glob(f"checkpoints/*/{STATE_FILE}"))
+    if not found:
+        raise ConfigError("teacher.checkpoint", f"no {STATE_FILE} under {path}; train the teacher first")
+    result = path / "result.json"
+    if result.exists():  # the checkpoint the finished run reported last
+        ckpt = json.loads(result.read_text()).get("checkpoint")
+        if ckpt and (Path(ckpt) / STATE_FILE).is_file():
+            return Path(ckpt) / STATE_FILE
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def load_teacher(path: str | Path, device: torch.device) -> nn.Module:
+    """Build the teacher from its run folder and load its evaluated weights, frozen, on ``device``."""
+    from raykd.data import data_of
+    from raykd.models import build_model
+
+    path = Path(path)
+    run_dir = _find_run_folder(path.resolve())
+    tcfg = parse_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    data = data_of(tcfg)
+    c, h, _ = data.image_shape
+    model = build_model(tcfg.model.name, num_classes=data.num_classes, in_channels=c, image_size=h,
+                        bn_momentum=tcfg.model.resolved_bn_momentum(tcfg.train.steps), **tcfg.model.args())  # fmt: skip
+    state = torch.load(_latest_state(path), map_location="cpu", weights_only=True)
+    weights = state["ema"]["module"] if state.get("ema") else state["model"]
+    model.load_state_dict(weights)
+    return freeze(model.to(device))
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients (the loop never puts the teacher back in train mode)."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
