@@ -91,6 +91,7 @@ class StepContext:
         augmenter: the batched on-device augmentation pipeline.
         generator: this rank's RNG for augmentations (seeded by run seed, rank and step).
         teacher: the frozen teacher (eval mode, no gradients, not optimised) or None.
+        teacher_dir: the teacher's run folder (methods cache per-teacher tables there) or None.
     """
 
     run: RunConfig
@@ -104,6 +105,7 @@ class StepContext:
     generator: torch.Generator
     channels_last: bool = False
     teacher: nn.Module | None = None
+    teacher_dir: Path | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -184,6 +184,7 @@ def train_loop(
         generator=generator,
         channels_last=channels_last,
         teacher=teacher,
+        teacher_dir=Path(teacher_dir) if teacher is not None else None,
     )
     method: Method = METHODS.get(cfg.method.name)(ctx)
     method.setup()
