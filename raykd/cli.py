@@ -166,6 +166,15 @@ def _folder(path: str) -> Path:
     return d
 
 
+def _study_folder(path: str) -> Path:
+    from raykd.tune.study import STUDY_FILE
+
+    d = _folder(path)
+    if not (d / STUDY_FILE).exists():
+        raise ConfigError(path, f"not a study folder (no {STUDY_FILE}); pass the folder `raykd study run` created")
+    return d
+
+
 def cmd_study_run(args: argparse.Namespace) -> int:
     from raykd.tune import study
 
@@ -182,20 +191,14 @@ def cmd_study_resume(args: argparse.Namespace) -> int:
 def cmd_study_status(args: argparse.Namespace) -> int:
     from raykd.tune import study
 
-    d = _folder(args.dir)
-    if not (d / study.STUDY_FILE).exists():
-        raise ConfigError(args.dir, f"not a study folder (no {study.STUDY_FILE})")
-    print(study.status_text(d))
+    print(study.status_text(_study_folder(args.dir)))
     return 0
 
 
 def cmd_study_export(args: argparse.Namespace) -> int:
     from raykd.tune import study
 
-    d = _folder(args.dir)
-    if not (d / study.STUDY_FILE).exists():
-        raise ConfigError(args.dir, f"not a study folder (no {study.STUDY_FILE})")
-    for path in study.export(d, Path(args.out), top_k=args.top_k):
+    for path in study.export(_study_folder(args.dir), Path(args.out), top_k=args.top_k):
         print(f"wrote {path}  (re-run: {raykd_command()} train {path})")
     return 0
 
