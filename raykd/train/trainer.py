@@ -145,32 +145,29 @@ def init_ray(
              **extra, **common)  # fmt: skip
 
 
-def run_training(
+def build_trainer(
     cfg: RunConfig,
-    run_dir: str | Path,
-    address: str | None = None,
-    verbose: bool = False,
-    out=None,
+    run_dir: Path,
+    teacher_dir: str | Path | None,
+    *,
+    callbacks: list | None = None,
     stop_at: int | None = None,
-    teacher_dir: Path | None = None,
-) -> dict[str, Any]:
-    """Run ``cfg`` with a ``TorchTrainer`` sized by ``cfg.scaling``; return the last metrics.
+    controller_failure_limit: int = 1,
+):
+    """The ``TorchTrainer`` of one run, sized by ``cfg.scaling`` (gloo on CPU, nccl on GPU).
 
-    ``result.json`` exists only once the run reached ``train.steps`` (``stop_at`` interrupts it after
-    that step's checkpoint, as a kill would; tests use it).
+    Its Train run is named ``train`` under ``run_dir``: a new trainer for the same folder resumes the
+    latest checkpoint.  ``raykd train`` and multi-worker study trials (with ``TuneReportCallback``)
+    both build it here.
     """
-    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     s, t = cfg.scaling, cfg.train
-    init_ray(s.num_workers * s.cpus_per_worker, address, verbose)
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
-    trainer = TorchTrainer(
+    return TorchTrainer(
         _worker_fn,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
@@ -185,10 +182,34 @@ def run_training(
         run_config=ray.train.RunConfig(
             name=TRAIN_RUN_NAME,
             storage_path=str(run_dir),
+            callbacks=callbacks or [],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures, controller_failure_limit=1),
+            failure_config=ray.train.FailureConfig(
+                max_failures=t.max_failures, controller_failure_limit=controller_failure_limit
+            ),
         ),
     )
+
+
+def run_training(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    address: str | None = None,
+    verbose: bool = False,
+    out=None,
+    stop_at: int | None = None,
+    teacher_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Run ``cfg`` with a ``TorchTrainer`` sized by ``cfg.scaling``; return the last metrics.
+
+    ``result.json`` exists only once the run reached ``train.steps`` (``stop_at`` interrupts it after
+    that step's checkpoint, as a kill would; tests use it).
+    """
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    s, t = cfg.scaling, cfg.train
+    init_ray(s.num_workers * s.cpus_per_worker, address, verbose)
+    trainer = build_trainer(cfg, run_dir, teacher_dir, stop_at=stop_at, controller_failure_limit=1)
     tail = _ProgressTail(run_dir / "progress.jsonl", t.steps, out)
     tail.start()
     started = time.time()

@@ -101,28 +101,11 @@ def run_trial(cfg: RunConfig, run_dir: Path, teacher_dir: str | None = None) -> 
 
 
 def _fit_train_in_tune(cfg: RunConfig, run_dir: Path, teacher_dir: str | None) -> dict[str, Any]:
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raykd.train.trainer import TRAIN_RUN_NAME, _worker_fn
+    from raykd.train.trainer import build_trainer
 
-    s, t = cfg.scaling, cfg.train
-    resources = {"CPU": s.cpus_per_worker}
-    if s.use_gpu:
-        resources["GPU"] = s.gpus_per_worker
-    result = TorchTrainer(
-        _worker_fn,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "teacher_dir": teacher_dir},
-        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=TRAIN_RUN_NAME,  # deterministic per trial folder: a restarted trial resumes its snapshot
-            storage_path=str(run_dir),
-            callbacks=[TuneReportCallback()],
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures, controller_failure_limit=3),
-        ),
-    ).fit()  # fmt: skip
+    # the Train run is named per trial folder: a restarted trial resumes its own snapshot
+    trainer = build_trainer(cfg, run_dir, teacher_dir, callbacks=[TuneReportCallback()], controller_failure_limit=3)
+    result = trainer.fit()
     return {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_") and k != "checkpoint_path"}
