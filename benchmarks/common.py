@@ -1,0 +1,97 @@
+"""Shared scaffolding of the accuracy benchmarks (``benchmarks/accuracy_*.py``).
+
+Every accuracy benchmark trains in-process (no Ray: the CPU goes to training) on Fashion-MNIST from
+Debian's ``dataset-fashion-mnist`` package, compares methods with the same labels, model, budget and
+seeds, and writes one section of docs/results.md (mean ± std over seeds) with ``--write``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from raykd.config import RunConfig, parse_run_config
+from raykd.train.context import LocalSession
+from raykd.train.loop import train_loop
+from raykd.train.teacher import ensure_teacher
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+
+
+def arguments(description: str, *, labels: int = 4, steps: int = 1500, width: int = 32) -> argparse.ArgumentParser:
+    """The options every accuracy benchmark takes (a script may add its own)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--labels", type=int, default=labels, help="labels per class")
+    p.add_argument("--steps", type=int, default=steps, help="training steps of every network")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--width", type=int, default=width, help="small_cnn width")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--write", action="store_true", help="write the table into docs/results.md")
+    return p
+
+
+def run_config(method: str | dict[str, Any], seed: int, args: argparse.Namespace, **sections: dict[str, Any]) -> dict:
+    """A raw Fashion-MNIST run config for ``method`` (a name or a ``method`` section).
+
+    Keyword arguments merge into sections (``model={"width": 8}``, ``teacher={"run": ...}``).
+    """
+    raw: dict[str, Any] = {
+        "data": {"name": "fashion_mnist", "labels_per_class": args.labels, "val_per_class": 0, "seed": seed},
+        "model": {"name": "small_cnn", "width": args.width},
+        "method": {"name": method} if isinstance(method, str) else dict(method),
+        "train": {"steps": args.steps, "batch_size": 32, "uratio": 7, "eval_every": max(1, args.steps // 5),
+                  "seed": seed, "eval_batch_size": 1024},
+        "scaling": {"num_workers": 1, "cpus_per_worker": args.threads},
+    }  # fmt: skip
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return raw
+
+
+def train(raw: dict[str, Any] | RunConfig, run_dir: Path, cache_root: Path) -> dict[str, Any]:
+    """Train one run in-process (its teacher first, cached under ``cache_root``); its result record."""
+    cfg = raw if isinstance(raw, RunConfig) else parse_run_config(raw)
+    teacher_dir = None
+    if cfg.teacher is not None:
+        teacher_dir = ensure_teacher(cfg, cache_root, lambda tcfg, d: train_loop(tcfg, LocalSession(d), d))
+    return train_loop(cfg, LocalSession(run_dir), run_dir, teacher_dir=teacher_dir)
+
+
+def teacher_result(raw: dict[str, Any], cache_root: Path) -> dict[str, Any]:
+    """The result record of ``raw``'s teacher (trained and cached by :func:`train`)."""
+    cfg = parse_run_config(raw)
+    d = ensure_teacher(cfg, cache_root, lambda tcfg, d: train_loop(tcfg, LocalSession(d), d))
+    return json.loads((d / "result.json").read_text())
+
+
+def mean_std(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}"
+
+
+def table(rows: dict[str, dict[str, list[float]]], columns: Iterable[tuple[str, str]]) -> list[str]:
+    """Markdown rows: one per label in ``rows``; ``columns`` = (metric key, header); – where missing."""
+    columns = list(columns)
+    out = ["| run | " + " | ".join(h for _, h in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label, vals in rows.items():
+        out.append(f"| {label} | " + " | ".join(mean_std(vals[k]) if vals.get(k) else "–" for k, _ in columns) + " |")
+    return out
+
+
+def record(rows: dict[str, dict[str, list[float]]], label: str, result: dict[str, Any], keys: Iterable[str]) -> None:
+    """Append ``result``'s numeric ``keys`` (those present) to ``rows[label]``."""
+    for k in keys:
+        if isinstance(result.get(k), int | float):
+            rows.setdefault(label, {}).setdefault(k, []).append(float(result[k]))
+
+
+def write_section(section: str, text: str) -> None:
+    """Replace (or append) the ``section`` heading's block of docs/results.md with ``text``."""
+    old = RESULTS.read_text() if RESULTS.exists() else "# Accuracy results\n"
+    head, found, rest = old.partition(section)
+    tail = rest[rest.find("\n## ") + 1 :] if found and "\n## " in rest else ""
+    RESULTS.write_text(head.rstrip() + "\n\n" + text.rstrip() + "\n" + ("\n" + tail if tail else ""))
+    print(f"written to {RESULTS}")
