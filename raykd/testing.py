@@ -12,11 +12,12 @@ import torch
 from raykd.config import RunConfig, parse_run_config
 
 
-def tiny_run_config(method: str, **sections: dict[str, Any]) -> RunConfig:
+def tiny_run_config(method: str, /, **sections: dict[str, Any]) -> RunConfig:
     """A run config that trains ``method`` on digits for a handful of tiny CPU steps.
 
-    Keyword arguments merge into the sections, e.g. ``train={"steps": 4}``.  A method that needs a
-    teacher gets ``teacher.run``: a tiny supervised run (train it with :func:`tiny_teacher`).
+    Keyword arguments merge into the sections, e.g. ``train={"steps": 4}`` or ``method={"alpha": 0.5}``.
+    A method that needs a teacher gets ``teacher.run``: a tiny supervised run (train it with
+    :func:`tiny_teacher`).
     """
     from raykd.methods import METHODS
 

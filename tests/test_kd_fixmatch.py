@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raykd.methods.kd_fixmatch import sce_loss, trusted_subset
-from raykd.testing import tiny_run_config, tiny_teacher
+from raykd.errors import ConfigError
+from raykd.methods.kd_fixmatch import high_confidence, map_clusters, sce_loss, trusted_subset
+from raykd.testing import flat_state, tiny_run_config, tiny_teacher
 from raykd.train.context import LocalSession
 from raykd.train.loop import train_loop
 
@@ -106,3 +107,73 @@ def test_train_step_applies_heuristic_1_and_the_table_is_cached(tmp_path):
     assert logs["mask_rate"].item() == pytest.approx(2 / 3)
     correct, counted = logs["pseudo_acc"]
     assert (int(correct), int(counted)) == (2, 2)
+
+    # the separate formulation: plain FixMatch L_u (sample 0 only passes tau) + lambda_t × the mean
+    # Heuristic-1 loss over the batch's two trusted samples
+    m.cfg = m.cfg.model_copy(update={"formulation": "separate", "lambda_t": 2.0})
+    loss, logs = m.train_step(batch)
+    assert logs["loss_u"].item() == pytest.approx((-log_p[0, 2] / 3).item())
+    assert logs["loss_t"].item() == pytest.approx(((-log_p[0, 2] - log_p[1, 7]) / 2).item())
+    loss_x = F.cross_entropy(torch.zeros(1, 10), torch.tensor([0]))
+    assert loss.item() == pytest.approx((loss_x + logs["loss_u"] + 2.0 * logs["loss_t"]).item())
+
+
+def test_per_class_high_confidence_keeps_the_top_fraction_of_each_predicted_class():
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8], [0.45, 0.55]])
+    keep = high_confidence(probs, tau_hc=0.99, mode="per_class", fraction=0.5)
+    # class 0: 0.9, 0.7, 0.6 -> top round(1.5)=2: samples 0, 2; class 1: 0.8, 0.55 -> top 1: sample 3
+    assert keep.tolist() == [True, False, True, True, False]
+    assert not high_confidence(probs, tau_hc=0.99).any()
+
+
+def test_dec_and_hungarian_recover_the_planted_blobs():
+    probs, emb, pred = constructed()
+    for options in ({"clustering": "dec"}, {"cluster_map": "hungarian"}):
+        trusted, _, _ = trusted_subset(probs, emb, tau_hc=0.95, num_clusters=3, purity_min=0.0, seed=0, **options)
+        expected = np.ones(30, dtype=bool)
+        expected[[3, 12]] = False
+        assert np.array_equal(trusted, expected), options
+
+
+def test_hungarian_is_one_to_one_where_majority_is_not():
+    clusters = np.array([0, 0, 0, 1, 1, 1])
+    pred = np.array([0, 0, 1, 0, 0, 1])  # both clusters' majority is class 0
+    majority, _ = map_clusters(clusters, pred, 2, 2, "majority")
+    hungarian, purity = map_clusters(clusters, pred, 2, 2, "hungarian")
+    assert majority.tolist() == [0, 0]
+    assert sorted(hungarian.tolist()) == [0, 1] and hungarian[0] == 0
+    assert purity.tolist() == pytest.approx([2 / 3, 1 / 3])
+    with pytest.raises(ValueError, match="one cluster per class"):
+        map_clusters(clusters, pred, 2, 3, "hungarian")
+
+
+def test_hungarian_with_several_clusters_per_class_is_rejected_in_the_config():
+    with pytest.raises(ConfigError, match="method.cluster_map"):
+        tiny_run_config("kd_fixmatch", method={"cluster_map": "hungarian", "cluster_mult": 2})
+
+
+def test_inner_init_outer_weights_starts_the_student_and_its_ema_from_the_teacher(tmp_path):
+    cfg = tiny_run_config("kd_fixmatch", method={"inner_init": "outer_weights"}, train={"steps": 1, "eval_every": 1})
+    teacher_dir = tiny_teacher(cfg, tmp_path)
+    seen = {}
+
+    def grab(ctx, method):
+        seen["teacher"] = flat_state(ctx.teacher)
+
+    class Probe(LocalSession):
+        def prepare_model(self, model):  # the loop's student, before any step
+            seen["student"] = model
+            return model
+
+    train_loop(cfg, Probe(tmp_path / "run"), tmp_path / "run", teacher_dir=teacher_dir, on_end=grab)
+    # one SGD step moved the student a little from the teacher; a scratch start is far away
+    gap = (flat_state(seen["student"]) - seen["teacher"]).abs().max().item()
+    scratch = tiny_run_config("kd_fixmatch", train={"steps": 1, "eval_every": 1})
+    train_loop(scratch, Probe(tmp_path / "s"), tmp_path / "s", teacher_dir=teacher_dir)
+    assert gap < 0.1 < (flat_state(seen["student"]) - seen["teacher"]).abs().max().item()
+
+
+def test_inner_init_outer_weights_needs_the_same_architecture(tmp_path):
+    cfg = tiny_run_config("kd_fixmatch", method={"inner_init": "outer_weights"}, model={"width": 4})
+    with pytest.raises(ConfigError, match="method.inner_init"):
+        train_loop(cfg, LocalSession(tmp_path / "run"), tmp_path / "run", teacher_dir=tiny_teacher(cfg, tmp_path))

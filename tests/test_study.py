@@ -239,3 +239,21 @@ def test_study_trains_the_teacher_once_for_all_trials(tmp_path, ray_local, capsy
     assert len(list(d.glob("trials/*/result.json"))) == 3
     assert main(["study", "resume", str(d)]) == 0  # resuming finds the cached teacher
     assert "training the teacher first" not in capsys.readouterr().out
+
+
+@pytest.mark.ray
+def test_ablation_trains_one_teacher_per_seed_on_that_seeds_split(tmp_path, ray_local, capsys):
+    base = tiny_run_config("kd", train={"steps": 2, "eval_every": 2}).model_dump(mode="json", exclude={"provenance"})
+    raw = {"name": "kdabl", "base": base, "grid": {"method.alpha": [0.5]}, "seeds": [0, 1], "metric": "test_acc"}
+    path = tmp_path / "abl.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["ablate", str(path), "--storage", str(tmp_path / "runs")]) == 0
+    d = tmp_path / "runs" / "kdabl"
+    seeds = {}
+    for folder in (d / "teachers").glob("teacher-*/"):
+        tcfg = yaml.safe_load((folder / "config.yaml").read_text())
+        seeds[tcfg["data"]["seed"]] = tcfg["train"]["seed"]
+    assert seeds == {0: 0, 1: 1}  # one teacher per seed, trained on the seed's own labeled split
+    for cfg_file in d.glob("trials/*/config.yaml"):
+        cfg = yaml.safe_load(cfg_file.read_text())
+        assert cfg["teacher"]["run"]["data"]["seed"] == cfg["data"]["seed"]

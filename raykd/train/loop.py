@@ -163,7 +163,6 @@ def train_loop(
         raw = raw.to(memory_format=torch.channels_last)
     model = session.prepare_model(raw)
     raw = unwrap(model)
-    ema = ModelEMA(raw, t.ema) if t.ema > 0 else None
 
     augmenter = Augmenter(hflip=data.hflip, ra_num_ops=t.ra_num_ops, mean=data.mean, std=data.std)
     generator = torch.Generator(device=device)
@@ -188,6 +187,7 @@ def train_loop(
     )
     method: Method = METHODS.get(cfg.method.name)(ctx)
     method.setup()
+    ema = ModelEMA(raw, t.ema) if t.ema > 0 else None  # after setup: a method may initialise the student
     extras = {name: session.prepare_model(m) for name, m in method.extra_modules().items()}
     optimizer = torch.optim.SGD(
         param_groups([raw, *map(unwrap, extras.values())], t.weight_decay),

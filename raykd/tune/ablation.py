@@ -3,8 +3,11 @@
 An ablation named N lands in ``<storage>/N/``: ``ablation.yaml`` (resolved), ``tune/`` (the Tune
 experiment), ``trials/<trial_id>/`` (run folders) and the outputs ``ablation.csv`` (mean ± std per
 grid cell), ``ablation.md`` and ``ablation.png``.  Each seed sets ``train.seed`` and ``data.seed``
-together (a different labeled split and initialisation per seed).  Running the same command again
-after an interruption resumes the grid; finished trials are kept.
+together (a different labeled split and initialisation per seed).  A ``teacher.run`` follows the seed
+too (its ``data.seed`` and ``train.seed``): the driver trains one teacher per seed, before any trial,
+so a student never distils from a teacher that saw another split's labels.  A ``teacher.checkpoint``
+is the same fixed teacher for every seed.  Running the same command again after an interruption
+resumes the grid; finished trials are kept.
 """
 
 from __future__ import annotations
@@ -32,6 +35,21 @@ from raykd.tune.study import (
 
 ABLATION_FILE = "ablation.yaml"
 SEED_KEYS = ("train.seed", "data.seed")
+TEACHER_SEED_KEYS = ("teacher.run.train.seed", "teacher.run.data.seed")
+
+
+def seed_keys(abl: AblationConfig) -> tuple[str, ...]:
+    """The dotted keys a trial's seed sets: the student's, and a ``teacher.run``'s."""
+    teacher = abl.base.teacher
+    return SEED_KEYS + (TEACHER_SEED_KEYS if teacher is not None and teacher.run is not None else ())
+
+
+def prepare_teachers(abl: AblationConfig, folder: Path, address: str | None) -> dict[int, Path] | None:
+    """Train (or find) every seed's teacher on the driver before the trials; None without a teacher."""
+    keys = seed_keys(abl)
+    dirs = {seed: prepare_teacher(with_params(abl.base, dict.fromkeys(keys, seed)), folder, address)
+            for seed in abl.seeds}  # fmt: skip
+    return None if all(d is None for d in dirs.values()) else dirs
 
 
 def load_ablation(path: str | Path, storage: str | None = None) -> AblationConfig:
@@ -87,8 +105,8 @@ def run(abl: AblationConfig, address: str | None = None) -> int:
     max_conc = concurrency(abl.base, n_trials, abl.max_concurrent, cluster)
     tune_dir = (folder / TUNE_DIR).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    teacher_dir = prepare_teacher(abl.base, folder, address)
-    trainable = make_trainable(abl.base, keys, folder, seed_keys=SEED_KEYS, teacher_dir=teacher_dir)
+    teacher_dirs = prepare_teachers(abl, folder, address)
+    trainable = make_trainable(abl.base, keys, folder, seed_keys=seed_keys(abl), teacher_dir=teacher_dirs)
     started = time.time()
     if tune.Tuner.can_restore(str(tune_dir)):
         old = parse_config(read_yaml(folder / ABLATION_FILE), AblationConfig)

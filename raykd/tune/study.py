@@ -111,20 +111,29 @@ def init_ray_for(study_base: RunConfig, address: str | None) -> dict[str, float]
 
 
 def make_trainable(
-    base: RunConfig, keys: list[str], study_dir: Path, seed_keys: tuple[str, ...] = (), teacher_dir: Path | None = None
+    base: RunConfig,
+    keys: list[str],
+    study_dir: Path,
+    seed_keys: tuple[str, ...] = (),
+    teacher_dir: Path | dict[int, Path] | None = None,
 ):
     """The Tune trainable of a study (``keys`` = the searched knobs) or an ablation (the grid knobs;
     the trial's ``seed`` param goes to every key of ``seed_keys``), with the trial's resources.  The
-    teacher, if any, was trained by the driver beforehand (``teacher_dir``); trials only load it."""
+    teacher, if any, was trained by the driver beforehand (``teacher_dir``, or one per seed); trials
+    only load it."""
     from ray import tune
 
     root, raw = str(study_dir.resolve()), base.model_dump(mode="json")
-    teacher = str(teacher_dir) if teacher_dir else None
+    if isinstance(teacher_dir, dict):
+        teachers = {seed: str(d) for seed, d in teacher_dir.items()}
+    else:
+        teachers = {None: str(teacher_dir) if teacher_dir else None}
 
     def raykd_trial(config: dict[str, Any]) -> None:
         params = {k: config[k] for k in keys}
         params.update({k: config["seed"] for k in seed_keys})
         trial_id = tune.get_context().get_trial_id()
+        teacher = teachers.get(config.get("seed"), teachers.get(None))
         run_trial(with_params(raw, params), Path(root) / TRIALS_DIR / trial_id, teacher_dir=teacher)
 
     return tune.with_resources(raykd_trial, trial_resources(base))
