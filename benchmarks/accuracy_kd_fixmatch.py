@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import arguments, record, run_config, table, teacher_result, train, write_section
+from common import arguments, publish, record, run_config, teacher_result, train
 
 SECTION = "## KD-FixMatch vs FixMatch (Fashion-MNIST)"
 KEYS = ("test_acc", "best_test_acc", "trusted_size", "trusted_acc")
@@ -37,23 +37,15 @@ def main() -> None:
         print(f"seed {seed}: FixMatch {fm['test_acc']:.4f}, KD-FixMatch {kdfm['test_acc']:.4f} (trusted "
               f"{kdfm['trusted_size']:.3f} of the pool, {kdfm['trusted_acc']:.3f} correct)", flush=True)  # fmt: skip
 
-    lines = [
-        SECTION,
-        "",
+    description = (
         f"{args.labels} labels per class, small_cnn (width {args.width}), {args.steps} steps for each network "
         f"(batch 32 + 7·32), seeds {args.seeds}; FixMatch = the outer network; KD-FixMatch = a fresh inner "
-        f"network with the outer network's trusted pseudo-labels. Test accuracy of the EMA model, mean ± std "
-        f"over seeds. Command: `python benchmarks/accuracy_kd_fixmatch.py --labels {args.labels} --steps "
-        f"{args.steps} --seeds {' '.join(map(str, args.seeds))} --write` ({time.time() - started:.0f} s on this "
-        "machine).",
-        "",
-        *table(rows, [("test_acc", "final test_acc"), ("best_test_acc", "best test_acc"),
-                      ("trusted_size", "trusted fraction"), ("trusted_acc", "trusted label acc")]),
-    ]  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    if args.write:
-        write_section(SECTION, text)
+        "network with the outer network's trusted pseudo-labels. Test accuracy of the EMA model, mean ± std "
+        "over seeds."
+    )
+    columns = [("test_acc", "final test_acc"), ("best_test_acc", "best test_acc"),
+               ("trusted_size", "trusted fraction"), ("trusted_acc", "trusted label acc")]  # fmt: skip
+    publish(SECTION, description, rows, columns, args, started)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -95,3 +98,17 @@ def write_section(section: str, text: str) -> None:
     tail = rest[rest.find("\n## ") + 1 :] if found and "\n## " in rest else ""
     RESULTS.write_text(head.rstrip() + "\n\n" + text.rstrip() + "\n" + ("\n" + tail if tail else ""))
     print(f"written to {RESULTS}")
+
+
+def publish(section: str, description: str, rows: dict[str, dict[str, list[float]]],
+            columns: Iterable[tuple[str, str]], args: argparse.Namespace, started: float) -> str:  # fmt: skip
+    """Print the section (heading, ``description``, the command that made it and its wall time, the
+    table) and, with ``--write``, put it into docs/results.md.  Returns its text."""
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    lines = [section, "", f"{description} Command: `{command}` ({time.time() - started:.0f} s on this machine).", "",
+             *table(rows, columns)]  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if args.write:
+        write_section(section, text)
+    return text
