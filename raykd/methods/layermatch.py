@@ -1,0 +1,303 @@
+"""LayerMatch: Grad-ReLU + Avg-Clustering (Liang et al., arXiv 2406.14207) — METHODS.md §7.
+
+FixMatch's batch construction (one concatenated forward pass over weak labeled, weak unlabeled and
+strong unlabeled views) with two changes to the pseudo-label loss L_u:
+
+**Grad-ReLU.**  The strong views' logits are computed from the pooled features ``h_s`` through a
+functional copy of the linear classifier whose parameters are gradient-scaled views
+``p.detach() + s·(p − p.detach())``: the forward values are exactly the classifier's, the gradient
+of L_u reaches the feature extractor in full (∂L_u/∂h_s = Wᵀ(p − t)) and reaches W, b only scaled
+by ``s = cls_grad_scale``.  s = 0 (default) blocks it (the classifier learns from labels only),
+s = 1 gives exactly FixMatch's gradient.  ``grad_relu_mode: sign`` (EXPERIMENTAL, our reading of the
+name "ReLU") keeps the components of the classifier's L_u gradient whose sign agrees with the
+supervised gradient of the same batch (computed in closed form, ``(softmax(z_l) − onehot(y))ᵀ h_l / B``)
+and scales the conflicting ones by s.
+
+**Avg-Clustering** (``avg_mode``), stable averaged targets for the feature extractor.  q is the
+current (detached) prediction on the weak view and q̄ the averaged one; the pseudo-label is
+ŷ = argmax q̄ and the mask 1[max q̄ ≥ τ_a] · 1[argmax q = ŷ] (the last factor with ``consistency``):
+
+* ``sample_ema`` (default): a memory bank P̄ ∈ R^{N_u×C} indexed by unlabeled sample index,
+  initialised uniform, updated P̄[i] ← m_a·P̄[i] + (1 − m_a)·q_i before it is read; q̄ = P̄[i], with
+  Adam-style debiasing (``debias``: (P̄ − m_a^n/C) / (1 − m_a^n) after n updates, so one visit gives
+  q̄ = q).  Under DDP every rank gathers all ranks' (indices, q) and applies all of them in rank order
+  (a sample twice in one global batch is updated twice, in order), so the bank is identical on
+  every rank; it is part of ``state_dict`` and survives a restart.
+* ``center_ema``: an EMA copy (W̄, b̄) of the classifier as cluster centres; both q̄ and the strong
+  logits use it (z_s = h_s·W̄ᵀ + b̄), so the classifier never gets an L_u gradient whatever
+  ``cls_grad_scale`` says.
+* ``ema_model``: q̄ comes from an EMA copy of the whole student (owned by the method, momentum m_a,
+  run in train mode so that it uses the batch's BN statistics and never per-rank running ones).
+* ``none``: no averaging — plain FixMatch targets (mask 1[max q ≥ τ]); with Grad-ReLU alone.
+
+Our decisions where the paper's text was not available (all METHODS.md [INF], each a knob): full
+blocking (s = 0) by default; the per-sample EMA reading of Avg-Clustering; τ (``threshold``) gates the
+current prediction only in ``avg_mode: none``, τ_a (``avg_threshold``) gates the averaged one in the
+other modes; ``avg_momentum`` defaults to 0.9 for sample_ema and 0.999 for center_ema / ema_model;
+the two EMA copies warm up like the evaluated EMA (d_t = min(m_a, (1 + t) / (10 + t))); hard
+pseudo-labels only.  L_u is normalised by μB as in FixMatch; evaluation uses the loop's EMA model.
+
+Logs: ``loss_x``, ``loss_u``, ``mask_rate``, ``pseudo_acc`` (diagnostic) and ``agree_rate`` (fraction
+of unlabeled samples whose current arg-max equals the averaged pseudo-label).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from raykd.config import MethodConfig, knob
+from raykd.methods.base import METHODS, Batch, Method
+from raykd.methods.fixmatch import fixmatch_unsup_loss, pseudo_label_accuracy
+
+DEFAULT_MOMENTUM = {"sample_ema": 0.9, "center_ema": 0.999, "ema_model": 0.999, "none": 0.0}
+
+
+def scale_grad(p: torch.Tensor, scale: float) -> torch.Tensor:
+    """``p`` in the forward pass (bit for bit); its gradient is multiplied by ``scale`` on the way back."""
+    if scale == 1.0:
+        return p
+    d = p.detach()
+    return d if scale == 0.0 else d + scale * (p - d)
+
+
+class _SignGate(torch.autograd.Function):
+    """Identity forward; backward keeps gradient components whose sign agrees with ``reference`` and
+    multiplies the others by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, reference: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(reference)
+        ctx.scale = scale
+        return p.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (reference,) = ctx.saved_tensors
+        agree = grad * reference > 0
+        return torch.where(agree, grad, grad * ctx.scale), None, None
+
+
+def sign_gate(p: torch.Tensor, reference: torch.Tensor, scale: float) -> torch.Tensor:
+    """``p`` in the forward pass; gradient components that conflict in sign with ``reference`` are scaled."""
+    return _SignGate.apply(p, reference, scale)
+
+
+@torch.no_grad()
+def ema_bank_update(
+    bank: torch.Tensor, count: torch.Tensor, idx: torch.Tensor, q: torch.Tensor, momentum: float
+) -> None:
+    """In place: ``bank[i] ← m·bank[i] + (1 − m)·q`` and ``count[i] += 1`` for each row of ``(idx, q)``.
+
+    Rows are applied in order; an index that occurs several times is updated once per occurrence
+    (deterministically, which keeps the bank identical on every rank).
+    """
+    q = q.to(bank.dtype)
+    while len(idx):
+        order = torch.arange(len(idx), device=idx.device)
+        uniq, inv = torch.unique(idx, return_inverse=True)
+        first = torch.full((len(uniq),), len(idx), device=idx.device).scatter_reduce(0, inv, order, "amin")
+        rows = idx[first]
+        bank[rows] = momentum * bank[rows] + (1.0 - momentum) * q[first]
+        count[rows] += 1
+        rest = torch.ones(len(idx), dtype=torch.bool, device=idx.device)
+        rest[first] = False
+        idx, q = idx[rest], q[rest]
+
+
+def averaged_prediction(rows: torch.Tensor, counts: torch.Tensor, momentum: float, debias: bool) -> torch.Tensor:
+    """The bank's averaged prediction for ``rows`` (uniform-initialised EMA after ``counts`` updates).
+
+    With ``debias`` the uniform start is removed: ``(P̄ − m^n / C) / (1 − m^n)``, which is the
+    weighted mean of the n predictions seen (so a single update gives back that prediction).
+    """
+    if not debias:
+        return rows
+    decay = torch.pow(torch.full_like(rows[:, :1], momentum, dtype=torch.float64), counts[:, None].double())
+    out = (rows.double() - decay / rows.shape[1]) / (1.0 - decay).clamp_min(1e-12)
+    return torch.where(counts[:, None] > 0, out.to(rows.dtype), rows)
+
+
+def averaged_targets(
+    q: torch.Tensor, q_avg: torch.Tensor, threshold: float, consistency: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pseudo-labels ``argmax q̄``, the float mask ``1[max q̄ >= τ_a] · 1[argmax q = argmax q̄]`` (the
+    second factor only with ``consistency``) and the bool agreement ``argmax q = argmax q̄``."""
+    conf, target = q_avg.max(dim=-1)
+    agree = q.argmax(dim=-1) == target
+    mask = conf >= threshold
+    if consistency:
+        mask = mask & agree
+    return target, mask.float(), agree
+
+
+@METHODS.register("layermatch")
+class LayerMatch(Method):
+    """LayerMatch: pseudo-labels train the feature extractor (not the classifier) towards averaged targets."""
+
+    class Config(MethodConfig):
+        name: Literal["layermatch"] = "layermatch"
+        threshold: float = knob(
+            0.95,
+            search={"uniform": [0.70, 0.99]},
+            ge=0.0,
+            le=1.0,
+            help="tau: confidence threshold on the current prediction (avg_mode none)",
+        )
+        avg_threshold: float = knob(
+            0.95, search={"uniform": [0.50, 0.99]}, ge=0.0, le=1.0, help="tau_a: threshold on the averaged prediction"
+        )
+        avg_momentum: float | None = knob(
+            None,
+            search={"choice": [0.5, 0.7, 0.9, 0.97, 0.99, 0.999]},
+            ge=0.0,
+            lt=1.0,
+            help="m_a: averaging momentum (None = 0.9 for sample_ema, 0.999 for center_ema/ema_model)",
+        )
+        avg_mode: Literal["sample_ema", "center_ema", "ema_model", "none"] = knob(
+            "sample_ema",
+            search={"choice": ["sample_ema", "center_ema", "ema_model"]},
+            help="Avg-Clustering: per-sample EMA bank, EMA classifier centres, EMA model, or none",
+        )
+        consistency: bool = knob(
+            True, search={"choice": [True, False]}, help="mask also needs argmax(current) == averaged pseudo-label"
+        )
+        debias: bool = knob(True, help="sample_ema: remove the bank's uniform start (Adam-style)")
+        cls_grad_scale: float = knob(
+            0.0,
+            search={"uniform": [0.0, 1.0]},
+            ge=0.0,
+            le=1.0,
+            help="Grad-ReLU: scale of L_u's classifier gradient (0 = blocked, 1 = FixMatch)",
+        )
+        grad_relu_mode: Literal["block", "sign"] = knob(
+            "block",
+            search={"choice": ["block", "sign"]},
+            help="block: scale all of it; sign (experimental): scale only sign-conflicting components",
+        )
+        lambda_u: float = knob(1.0, search={"loguniform": [0.25, 4.0]}, ge=0.0, help="weight of the unlabeled loss")
+
+    logs = ("loss_x", "loss_u", "mask_rate", "pseudo_acc", "agree_rate")
+
+    def setup(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        self.momentum = cfg.avg_momentum if cfg.avg_momentum is not None else DEFAULT_MOMENTUM[cfg.avg_mode]
+        self.updates = 0
+        head = ctx.raw_model.classifier
+        if cfg.avg_mode == "sample_ema":
+            n, c = len(ctx.data.unlabeled), ctx.num_classes
+            self.bank = torch.full((n, c), 1.0 / c, device=ctx.device)
+            self.count = torch.zeros(n, dtype=torch.long, device=ctx.device)
+        elif cfg.avg_mode == "center_ema":
+            self.centres = [p.detach().clone() for p in (head.weight, head.bias) if p is not None]
+        elif cfg.avg_mode == "ema_model":
+            self.ema_model = copy.deepcopy(ctx.raw_model).train()
+            for p in self.ema_model.parameters():
+                p.requires_grad_(False)
+
+    # -- averaged copies ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _ema_update(self, targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+        self.updates += 1
+        d = min(self.momentum, (1 + self.updates) / (10 + self.updates))
+        for t, s in zip(targets, sources, strict=True):
+            t.mul_(d).add_(s.detach(), alpha=1.0 - d)
+
+    def _classifier_for_unlabeled(self, batch: Batch, z_l: torch.Tensor, h_l: torch.Tensor):
+        """(W, b) the strong views' logits use: Grad-ReLU views of the classifier, or the EMA centres."""
+        cfg, head = self.cfg, self.ctx.raw_model.classifier
+        if cfg.avg_mode == "center_ema":
+            return self.centres[0], self.centres[1] if len(self.centres) > 1 else None
+        s = cfg.cls_grad_scale
+        if cfg.grad_relu_mode == "block":
+            return scale_grad(head.weight, s), None if head.bias is None else scale_grad(head.bias, s)
+        with torch.no_grad():  # the supervised loss's gradient of W, b in closed form (mean CE)
+            err = (z_l.float().softmax(-1) - F.one_hot(batch.y, z_l.shape[1]).float()) / len(batch.y)
+            ref_w, ref_b = err.T @ h_l.float(), err.sum(0)
+        bias = None if head.bias is None else sign_gate(head.bias, ref_b.to(head.bias.dtype), s)
+        return sign_gate(head.weight, ref_w.to(head.weight.dtype), s), bias
+
+    @torch.no_grad()
+    def _averaged(self, batch: Batch, q: torch.Tensor, u_weak: torch.Tensor, h_w: torch.Tensor) -> torch.Tensor:
+        """q̄ for this rank's unlabeled samples (updating the averaged state first)."""
+        ctx, mode = self.ctx, self.cfg.avg_mode
+        if mode == "sample_ema":
+            idx_all, q_all = ctx.all_gather(batch.u_idx), ctx.all_gather(q.contiguous())
+            ema_bank_update(self.bank, self.count, idx_all, q_all, self.momentum)
+            return averaged_prediction(self.bank[batch.u_idx], self.count[batch.u_idx], self.momentum, self.cfg.debias)
+        if mode == "center_ema":
+            w, b = self.centres[0], self.centres[1] if len(self.centres) > 1 else None
+            return F.linear(h_w.detach().float(), w.float(), None if b is None else b.float()).softmax(-1)
+        with ctx.autocast():
+            return self.ema_model(u_weak).float().softmax(-1)
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def losses(self, batch: Batch) -> dict[str, Any]:
+        """This step's ``loss_x`` and ``loss_u`` (with their graphs) and the logs' ingredients."""
+        ctx, cfg = self.ctx, self.cfg
+        raw = ctx.raw_model
+        if cfg.avg_mode == "center_ema":
+            self._ema_update(self.centres, [p for p in (raw.classifier.weight, raw.classifier.bias) if p is not None])
+        elif cfg.avg_mode == "ema_model":
+            self._ema_update(list(self.ema_model.parameters()), list(raw.parameters()))
+        b, n = batch.x.shape[0], batch.u.shape[0]
+        x_w, u_w, u_s = ctx.weak(batch.x), ctx.weak(batch.u), ctx.strong(batch.u)  # FixMatch's order
+        with ctx.autocast():
+            logits, h = self.model(torch.cat([x_w, u_w, u_s]), with_features=True)
+        z_l, z_w, h_l, h_w, h_s = logits[:b], logits[b : b + n], h[:b], h[b : b + n], h[b + n :]
+        loss_x = F.cross_entropy(z_l.float(), batch.y)
+        weight, bias = self._classifier_for_unlabeled(batch, z_l.detach(), h_l.detach())
+        with ctx.autocast():
+            z_s = F.linear(h_s, weight, bias)
+        q = z_w.detach().float().softmax(-1)
+        if cfg.avg_mode == "none":
+            loss_u, mask, target = fixmatch_unsup_loss(z_w, z_s, cfg.threshold)
+            agree = torch.ones_like(mask, dtype=torch.bool)
+        else:
+            q_avg = self._averaged(batch, q, u_w, h_w)
+            target, mask, agree = averaged_targets(q, q_avg, cfg.avg_threshold, cfg.consistency)
+            loss_u = (F.cross_entropy(z_s.float(), target, reduction="none") * mask).mean()
+        return {"loss_x": loss_x, "loss_u": loss_u, "mask": mask, "target": target, "agree": agree}
+
+    def train_step(self, batch: Batch):
+        out = self.losses(batch)
+        loss = out["loss_x"] + self.cfg.lambda_u * out["loss_u"]
+        logs = {
+            "loss_x": out["loss_x"].detach(),
+            "loss_u": out["loss_u"].detach(),
+            "mask_rate": out["mask"].mean(),
+            "pseudo_acc": pseudo_label_accuracy(out["target"], out["mask"], batch.u_y),
+            "agree_rate": out["agree"].float().mean(),
+        }
+        return loss, logs
+
+    # -- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        mode, state = self.cfg.avg_mode, {"updates": torch.tensor(self.updates)}
+        if mode == "sample_ema":
+            state |= {"bank": self.bank.cpu(), "count": self.count.cpu()}
+        elif mode == "center_ema":
+            state |= {f"centre_{i}": c.cpu() for i, c in enumerate(self.centres)}
+        elif mode == "ema_model":
+            state |= {f"ema_model.{k}": p.detach().cpu() for k, p in self.ema_model.named_parameters()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mode = self.cfg.avg_mode
+        self.updates = int(state.get("updates", 0))
+        if mode == "sample_ema":
+            self.bank.copy_(state["bank"])
+            self.count.copy_(state["count"])
+        elif mode == "center_ema":
+            for i, c in enumerate(self.centres):
+                c.copy_(state[f"centre_{i}"])
+        elif mode == "ema_model":
+            with torch.no_grad():
+                for k, p in self.ema_model.named_parameters():
+                    p.copy_(state[f"ema_model.{k}"])
