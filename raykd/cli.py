@@ -87,6 +87,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "scaling.use_gpu",
                 "true but this machine has no CUDA GPU; set it to false or join a GPU cluster with --address",
             )
+    if cfg.scaling.resources_per_worker and not (args.address or os.environ.get("RAY_ADDRESS")):
+        raise ConfigError("scaling.resources_per_worker", "names resources of a cluster's nodes, which a local Ray "
+                          "does not have; join the cluster with --address or remove it")  # fmt: skip
     from raykd.data import data_of
 
     data_of(cfg)  # pre-flight: the data is on disk (ConfigError on data.root otherwise)
@@ -231,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true", help="show Ray's own logs and full tracebacks")
-    common.add_argument("--address", help="Ray cluster to join (e.g. auto); default: start a local one")
+    common.add_argument(
+        "--address", help="Ray cluster to join: auto or HOST:PORT (default: $RAY_ADDRESS, else start a local Ray)"
+    )
 
     tr = sub.add_parser("train", parents=[common], help="one training run (Ray Train, DDP)")
     tr.add_argument("config", help="run config YAML")
@@ -249,7 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     st_sub = st.add_subparsers(dest="study_command", required=True, parser_class=_Parser)
     sr = st_sub.add_parser("run", parents=[common], help="start a study")
     sr.add_argument("config", help="study YAML (name, base, search, tune)")
-    sr.add_argument("--storage", help="parent folder of the study folder (default runs/)")
+    sr.add_argument(
+        "--storage",
+        help="parent folder of the study folder (default runs/); on a cluster a folder every node mounts, "
+        "or a cloud URI such as s3://bucket/raykd (docs/cluster.md)",
+    )
     sr.add_argument("--name", help="study name (default: the file's name field)")
     sr.set_defaults(func=cmd_study_run)
     ss = st_sub.add_parser("status", help="table of trials, best marked (while it runs or after)")

@@ -2,11 +2,11 @@
 
 A run config is the complete description of one training run::
 
-    data:    {name, root, labels_per_class, val_per_class, seed}
+    data:    {name, root, labels_per_class, val_per_class, seed, open_set}
     model:   {name, bn_momentum, <the model's own arguments>}
     method:  {name, <the method's knobs>}
     train:   {steps, batch_size, uratio, lr, weight_decay, ema, eval_every, seed, amp, channels_last, ...}
-    scaling: {num_workers, use_gpu, cpus_per_worker, gpus_per_worker}
+    scaling: {num_workers, use_gpu, cpus_per_worker, gpus_per_worker, resources_per_worker}
 
 Each method declares its knobs as a :class:`MethodConfig` subclass built with :func:`knob` (default,
 search range, help).  YAML is read with ``yaml.safe_load``; ``--set dotted.key=value`` overrides are
@@ -29,6 +29,7 @@ from pydantic import (
     ValidationError,
     create_model,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -80,6 +81,59 @@ class MethodConfig(Strict):
 # sections
 
 
+class ExtraUnlabeledConfig(Strict):
+    """Another image collection as open-set unlabeled data (``data.open_set.extra_unlabeled``)."""
+
+    name: str = Field(description="imagefolder (root/<class>/<images>) or a dataset name whose training images "
+                      "become unlabeled data")  # fmt: skip
+    root: str | None = Field(None, description="its folder (imagefolder: required; a dataset: as data.root)")
+
+    @field_validator("name")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        from raykd.data import DATASETS
+
+        if v != "imagefolder" and v not in DATASETS:
+            raise ValueError(f"unknown source {v!r}; choose imagefolder or one of: {', '.join(DATASETS.names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _folder_needs_root(self) -> ExtraUnlabeledConfig:
+        if self.name == "imagefolder" and not (self.root or "").strip():
+            raise ValueError("imagefolder needs root: a folder laid out as root/<class>/<images>")
+        return self
+
+
+class OpenSetConfig(Strict):
+    """Open-set unlabeled data (DESIGN §6): classes held out of the labeled and test data, and/or
+    another image collection, in the unlabeled pool.  See :mod:`raykd.data.split`."""
+
+    unseen_classes: list[int] = Field(
+        default_factory=list,
+        description="classes removed from labeled, validation and test data and kept (unlabeled) in the pool; "
+        "the other classes are renumbered 0..C'-1 and the model gets C' outputs",
+    )
+    extra_unlabeled: ExtraUnlabeledConfig | None = Field(None, description="another collection as unlabeled data")
+    unseen_fraction: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="subsample the pool so that open-set samples are this fraction of it (0 = none, closed-set "
+        "control; 1 = only open-set samples; None = keep everything)",
+    )  # fmt: skip
+
+    @field_validator("unseen_classes")
+    @classmethod
+    def _classes(cls, v: list[int]) -> list[int]:
+        if any(c < 0 for c in v) or len(set(v)) != len(v):
+            raise ValueError(f"expected distinct class indices >= 0, got {v}")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _something_open(self) -> OpenSetConfig:
+        if not self.unseen_classes and self.extra_unlabeled is None:
+            raise ValueError("set unseen_classes (a list of classes) and/or extra_unlabeled ({name, root})")
+        return self
+
+
 class DataConfig(Strict):
     """Dataset and semi-supervised split."""
 
@@ -88,6 +142,7 @@ class DataConfig(Strict):
     labels_per_class: int | None = Field(4, ge=1, description="labeled samples per class (None = all)")
     val_per_class: int = Field(0, ge=0, description="held-out labeled validation samples per class (0 = none)")
     seed: int = Field(0, description="seed of the labeled/validation split")
+    open_set: OpenSetConfig | None = Field(None, description="open-set unlabeled data (unseen classes, extra pool)")
 
     @field_validator("name")
     @classmethod
@@ -96,6 +151,13 @@ class DataConfig(Strict):
 
         DATASETS.get(v)
         return v
+
+    @model_serializer(mode="wrap")
+    def _omit_closed_set(self, handler: Any) -> Any:
+        out = handler(self)  # without open_set, dumps (and teacher hashes) stay as they were before it existed
+        if self.open_set is None and isinstance(out, dict):
+            out.pop("open_set", None)
+        return out
 
 
 _MODEL_FIXED = ("num_classes", "in_channels", "image_size", "bn_momentum")
@@ -182,6 +244,28 @@ class ScalingConfig(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0, description="fractional allowed, used when use_gpu")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="extra Ray resources each worker asks for besides CPU/GPU, e.g. {gpu_8x: 1} to pin trials to "
+        "a node type of cluster.yaml (docs/cluster.md)",
+    )
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_above_one(cls, v: float) -> float:
+        if v > 1 and not float(v).is_integer():
+            raise ValueError("above 1 it must be a whole number (Ray shares out single GPUs only, e.g. 0.25 or 2)")
+        return v
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, amount in v.items():
+            if key.upper() in ("CPU", "GPU"):
+                raise ValueError(f"{key!r} is set by cpus_per_worker / gpus_per_worker, not here")
+            if not amount > 0:
+                raise ValueError(f"{key!r}: amounts must be > 0")
+        return v
 
 
 class TeacherConfig(Strict):
@@ -248,6 +332,19 @@ class RunConfig(Strict):
         if self.teacher is not None and self.teacher.run is not None and self.teacher.run.data.name != self.data.name:
             raise ConfigError("teacher.run.data.name", f"the teacher must be trained on {self.data.name!r} too "
                               "(the student's dataset)")  # fmt: skip
+        if self.teacher is not None and self.teacher.run is not None:
+            unseen = self.data.open_set.unseen_classes if self.data.open_set else []
+            t_open = self.teacher.run.data.open_set
+            if (t_open.unseen_classes if t_open else []) != unseen:
+                raise ConfigError("teacher.run.data.open_set.unseen_classes", f"must be {unseen} as for the student "
+                                  "(teacher and student share one set of classes)")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _check_method_rules(self) -> RunConfig:
+        from raykd.methods import METHODS
+
+        METHODS.get(self.method.name).check_run(self)  # rules a method puts on the rest of the run
         return self
 
     @model_validator(mode="after")
@@ -408,6 +505,13 @@ class TuneSettings(Strict):
     max_failures: int = Field(0, ge=0, description="restarts of a failed trial from its last checkpoint")
     storage: str | None = Field(None, description="parent folder (or URI) of the study folder; default runs/")
 
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        from raykd.tune.storage import check_storage
+
+        return check_storage(v, "tune.storage")
+
 
 class StudyConfig(Strict):
     """A hyperparameter study: a base run config, the knobs to search and how to search them.
@@ -434,3 +538,10 @@ class AblationConfig(Strict):
     metric: str = Field("test_acc", description="metric tabulated and plotted (final evaluation)")
     max_concurrent: int | None = Field(None, ge=1)
     storage: str | None = None
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        from raykd.tune.storage import check_storage
+
+        return check_storage(v, "storage", uri_ok=False)

@@ -12,7 +12,16 @@ a method only turns a batch into a loss:
   or ``(numerator, denominator)`` pairs, which are averaged as Σnum/Σden over the logging window and
   across ranks (use that for ratios such as ``pseudo_acc`` whose denominator varies).
 * ``predict(model, x) -> logits`` used for evaluation (the loop passes the EMA or raw student).
+* ``wrap_model(model, run, image_shape)`` (classmethod, default identity) turns the built student
+  into the network the method trains (TSKD adds exits); the loop calls it before DDP, the EMA copy
+  and checkpoints, so all three hold the wrapped network.
+* ``eval_heads(run)`` (classmethod) names extra evaluation outputs; ``predict_all(model, x)`` returns
+  ``(logits, {head: logits})``, and the loop reports each head's accuracy as ``test_<head>_acc`` (and
+  ``val_<head>_acc`` with a validation split); :meth:`Method.eval_metrics` lists those names so a
+  study can select on them.  ``before_evaluation(model)`` runs on every rank before each evaluation.
 * ``state_dict()`` / ``load_state_dict()`` for per-sample state that must survive a restart.
+* ``check_run(run)`` (classmethod) puts the method's rules on the rest of a run config (SLaM needs
+  ``data.val_per_class > 0``); it runs whenever a run config is parsed and raises ConfigError.
 
 Per-sample state indexed by unlabeled sample index must be identical on every rank: synchronise it
 explicitly with ``ctx.all_gather`` / ``ctx.all_reduce``.
@@ -31,6 +40,7 @@ from raykd.config import MethodConfig
 from raykd.registry import Registry
 
 if TYPE_CHECKING:
+    from raykd.config import RunConfig
     from raykd.train.context import StepContext
 
 METHODS: Registry = Registry("method", "method.name")
@@ -86,6 +96,11 @@ class Method(abc.ABC):
         """The student as called in training (DDP-wrapped when world size > 1)."""
         return self.ctx.model
 
+    @classmethod  # noqa: B027 - optional hook
+    def check_run(cls, run: RunConfig) -> None:
+        """Rules the method puts on the rest of a run config (e.g. a validation split it needs);
+        raise :class:`~raykd.errors.ConfigError` naming the field.  Called when a run config is parsed."""
+
     def setup(self) -> None:  # noqa: B027 - optional hook
         """Build method-specific state; called once after the student exists."""
 
@@ -99,6 +114,33 @@ class Method(abc.ABC):
     def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Evaluation logits for normalised images ``x`` (default: the model's logits)."""
         return model(x)
+
+    @classmethod
+    def wrap_model(cls, model: nn.Module, run: RunConfig, image_shape: tuple[int, int, int]) -> nn.Module:
+        """The network this method trains, built around the registered ``model`` (default: ``model``).
+
+        Called once on the freshly built student (and on a teacher loaded from a run of this method),
+        before DDP and the EMA copy; it must be deterministic given the torch seed.
+        """
+        return model
+
+    @classmethod
+    def eval_heads(cls, run: RunConfig) -> tuple[str, ...]:
+        """Names of the extra logits :meth:`predict_all` returns (default: none)."""
+        return ()
+
+    @classmethod
+    def eval_metrics(cls, run: RunConfig) -> tuple[str, ...]:
+        """The metric names the loop reports for :meth:`eval_heads`."""
+        splits = ("test", "val") if run.data.val_per_class > 0 else ("test",)
+        return tuple(f"{split}_{head}_acc" for split in splits for head in cls.eval_heads(run))
+
+    def predict_all(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Evaluation logits and the extra logits named by :meth:`eval_heads` (default: ``predict``, none)."""
+        return self.predict(model, x), {}
+
+    def before_evaluation(self, model: nn.Module) -> None:  # noqa: B027 - optional hook
+        """Called on every rank before each evaluation of ``model`` (e.g. to calibrate vote weights)."""
 
     def extra_modules(self) -> dict[str, nn.Module]:
         """Trainable modules besides the student (optimised and checkpointed by the loop)."""

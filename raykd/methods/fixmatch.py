@@ -11,7 +11,9 @@ L_u is normalised by the number of unlabeled samples μB, not by the number that
 computed on softmax(z_w).  Evaluation uses the EMA model (``train.ema``), as in the paper.
 
 Logs: ``loss_x``, ``loss_u``, ``mask_rate`` (fraction of unlabeled samples over τ) and ``pseudo_acc``
-(accuracy of the masked pseudo-labels against the hidden labels; a diagnostic only).
+(accuracy of the masked pseudo-labels against the hidden labels; a diagnostic only), and with
+open-set data ``mask_rate_seen`` / ``mask_rate_unseen``: the mask rate over unlabeled samples of seen
+classes (hidden label >= 0) and over open-set samples (hidden label -2; see raykd.data.split).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from raykd.config import MethodConfig, knob
+from raykd.data.split import UNSEEN
 from raykd.methods.base import METHODS, Batch, Method
 
 
@@ -75,7 +78,7 @@ class FixMatch(Method):
             help="soft pseudo-label temperature (hard_label=false)",
         )
 
-    logs = ("loss_x", "loss_u", "mask_rate", "pseudo_acc")
+    logs = ("loss_x", "loss_u", "mask_rate", "pseudo_acc", "mask_rate_seen", "mask_rate_unseen")
 
     def forward_views(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits of weak labeled, weak unlabeled and strong unlabeled views from one forward pass."""
@@ -94,6 +97,8 @@ class FixMatch(Method):
         loss = loss_x + cfg.lambda_u * loss_u
         logs = {"loss_x": loss_x.detach(), "loss_u": loss_u.detach(), "mask_rate": mask.mean()}
         logs["pseudo_acc"] = pseudo_label_accuracy(pseudo, mask, batch.u_y)
+        if self.ctx.run.data.open_set is not None:  # the mask rate on seen-class vs open-set samples
+            logs.update(seen_unseen_means("mask_rate", mask, batch.u_y))
         return loss, logs
 
 
@@ -103,3 +108,17 @@ def pseudo_label_accuracy(pseudo: torch.Tensor, mask: torch.Tensor, hidden: torc
         return (0.0, 0.0)
     known = (mask > 0) & (hidden >= 0)
     return ((pseudo == hidden) & known).sum(), known.sum()
+
+
+def seen_unseen_means(name: str, values: torch.Tensor, hidden: torch.Tensor | None) -> dict[str, tuple]:
+    """``{name_seen: (Σ, n), name_unseen: (Σ, n)}``: ``values`` [N] summed over unlabeled samples of seen
+    classes (hidden label >= 0) and over open-set samples (hidden label ``raykd.data.split.UNSEEN``);
+    samples of unknown class (-1) count in neither.  Ratio logs, so windows average Σ/n."""
+    if hidden is None:
+        return {f"{name}_seen": (0.0, 0.0), f"{name}_unseen": (0.0, 0.0)}
+    values = values.detach().float()
+    seen, unseen = (hidden >= 0).float(), (hidden == UNSEEN).float()
+    return {
+        f"{name}_seen": ((values * seen).sum(), seen.sum()),
+        f"{name}_unseen": ((values * unseen).sum(), unseen.sum()),
+    }

@@ -7,7 +7,9 @@ Every model is an :class:`SSLModel`: a feature extractor followed by one linear 
 * ``feature_map(x)`` is ``stages(x)[-1]`` (SRD uses it).
 * ``features(x)`` is the pooled feature vector ``h`` of width ``feature_dim``.
 * ``forward(x)`` is ``classifier(features(x))``; ``forward(x, with_features=True)`` returns
-  ``(logits, h)`` so that a method can use both through one DDP-wrapped forward call.
+  ``(logits, h)`` and ``forward(x, with_map=True)`` returns ``(logits, feature_map(x))``, so that a
+  method can use both through one DDP-wrapped forward call.  ``pool(fmap)`` is the pooling between
+  the feature map and the classifier (global average pooling).
 
 A model family is a builder ``fn(num_classes: int, in_channels: int, image_size: int,
 bn_momentum: float, **args) -> SSLModel`` registered with ``@MODELS.register(name)``.
@@ -36,10 +38,17 @@ class SSLModel(nn.Module):
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(x)[-1]
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.feature_map(x), 1), 1)
+    def pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        """The pooling between ``feature_map`` and ``classifier`` (global average pooling)."""
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(fmap, 1), 1)
 
-    def forward(self, x: torch.Tensor, with_features: bool = False):
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.feature_map(x))
+
+    def forward(self, x: torch.Tensor, with_features: bool = False, with_map: bool = False):
+        if with_map:  # (logits, last feature map) from one call, so a DDP-wrapped student can serve SRD
+            fmap = self.feature_map(x)
+            return self.classifier(self.pool(fmap)), fmap
         h = self.features(x)
         logits = self.classifier(h)
         return (logits, h) if with_features else logits

@@ -92,6 +92,8 @@ class StepContext:
         generator: this rank's RNG for augmentations (seeded by run seed, rank and step).
         teacher: the frozen teacher (eval mode, no gradients, not optimised) or None.
         teacher_dir: the teacher's run folder (methods cache per-teacher tables there) or None.
+        extras: the method's ``extra_modules()`` as the loop prepared them (moved to the device and
+            DDP-wrapped when distributed); call them through these so their gradients are averaged.
     """
 
     run: RunConfig

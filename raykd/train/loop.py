@@ -65,20 +65,31 @@ def unwrap(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def evaluate(method: Method, model: nn.Module, ds: ArrayDataset, ctx: StepContext, batch_size: int) -> float:
     """Accuracy of ``method.predict(model, ·)`` on ``ds``, sharded over ranks and all-reduced."""
+    return evaluate_all(method, model, ds, ctx, batch_size)[0]
+
+
+@torch.no_grad()
+def evaluate_all(
+    method: Method, model: nn.Module, ds: ArrayDataset, ctx: StepContext, batch_size: int
+) -> tuple[float, dict[str, float]]:
+    """Accuracy of ``method.predict_all``'s logits and of each of its named extra logits on ``ds``."""
     was_training = model.training
     model.eval()
     idx = torch.arange(ctx.rank, len(ds), ctx.world_size)
-    counts = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    heads = list(method.eval_heads(ctx.run))
+    counts = torch.zeros(2 + len(heads), dtype=torch.float64, device=ctx.device)  # [main, *heads, n]
     for chunk in idx.split(batch_size):
         x = ds.images[chunk].to(ctx.device, non_blocking=True)
         y = ds.labels[chunk].to(ctx.device, non_blocking=True)
         with ctx.autocast():
-            logits = method.predict(model, ctx.plain(x))
-        counts[0] += (logits.argmax(dim=-1) == y).sum()
-        counts[1] += len(chunk)
+            logits, extra = method.predict_all(model, ctx.plain(x))
+        for i, z in enumerate([logits, *(extra[h] for h in heads)]):
+            counts[i] += (z.argmax(dim=-1) == y).sum()
+        counts[-1] += len(chunk)
     ctx.all_reduce(counts)
     model.train(was_training)
-    return float(counts[0] / counts[1].clamp_min(1))
+    acc = (counts[:-1] / counts[-1].clamp_min(1)).tolist()
+    return acc[0], dict(zip(heads, acc[1:], strict=True))
 
 
 class _LogWindow:
@@ -158,6 +169,7 @@ def train_loop(
         bn_momentum=cfg.model.resolved_bn_momentum(t.steps),
         **cfg.model.args(),
     )
+    raw = METHODS.get(cfg.method.name).wrap_model(raw, cfg, data.image_shape)  # e.g. TSKD's exits
     channels_last = t.channels_last and device.type == "cuda"
     if channels_last:
         raw = raw.to(memory_format=torch.channels_last)
@@ -189,6 +201,7 @@ def train_loop(
     method.setup()
     ema = ModelEMA(raw, t.ema) if t.ema > 0 else None  # after setup: a method may initialise the student
     extras = {name: session.prepare_model(m) for name, m in method.extra_modules().items()}
+    ctx.extras.update(extras)  # methods call their extra modules through these (DDP-wrapped when distributed)
     optimizer = torch.optim.SGD(
         param_groups([raw, *map(unwrap, extras.values())], t.weight_decay),
         lr=t.lr,
@@ -262,11 +275,14 @@ def train_loop(
         }
         for module in (raw, eval_model):
             ctx.broadcast_buffers(module)
-        metrics["test_acc"] = evaluate(method, eval_model, data.test, ctx, t.eval_batch_size)
+        method.before_evaluation(eval_model)
+        metrics["test_acc"], heads = evaluate_all(method, eval_model, data.test, ctx, t.eval_batch_size)
+        metrics.update({f"test_{h}_acc": v for h, v in heads.items()})
         best["best_test_acc"] = max(best["best_test_acc"], metrics["test_acc"])
         metrics["best_test_acc"] = best["best_test_acc"]
         if data.val is not None:
-            metrics["val_acc"] = evaluate(method, eval_model, data.val, ctx, t.eval_batch_size)
+            metrics["val_acc"], heads = evaluate_all(method, eval_model, data.val, ctx, t.eval_batch_size)
+            metrics.update({f"val_{h}_acc": v for h, v in heads.items()})
             if metrics["val_acc"] > best["best_val_acc"]:
                 best["best_val_acc"], best["test_acc_at_best_val"] = metrics["val_acc"], metrics["test_acc"]
             metrics["best_val_acc"] = best["best_val_acc"]

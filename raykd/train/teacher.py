@@ -103,6 +103,7 @@ def _latest_state(path: Path) -> Path:
 def load_teacher(path: str | Path, device: torch.device) -> nn.Module:
     """Build the teacher from its run folder and load its evaluated weights, frozen, on ``device``."""
     from raykd.data import data_of
+    from raykd.methods import METHODS
     from raykd.models import build_model
 
     path = Path(path)
@@ -112,6 +113,7 @@ def load_teacher(path: str | Path, device: torch.device) -> nn.Module:
     c, h, _ = data.image_shape
     model = build_model(tcfg.model.name, num_classes=data.num_classes, in_channels=c, image_size=h,
                         bn_momentum=tcfg.model.resolved_bn_momentum(tcfg.train.steps), **tcfg.model.args())  # fmt: skip
+    model = METHODS.get(tcfg.method.name).wrap_model(model, tcfg, data.image_shape)  # as its run trained it
     state = torch.load(_latest_state(path), map_location="cpu", weights_only=True)
     weights = state["ema"]["module"] if state.get("ema") else state["model"]
     model.load_state_dict(weights)

@@ -28,22 +28,37 @@ from raykd.train.loop import train_loop
 TRAIN_RUN_NAME = "train"
 
 
+def with_node_id(metrics: dict[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
+    """``metrics`` plus ``node_id``, the Ray node this process runs on; also adds it to
+    ``run_dir/result.json`` when the loop has just written that (the last step, before reporting)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    path = Path(run_dir) / RESULT_FILE if run_dir is not None else None
+    if path is not None and path.exists():
+        record = json.loads(path.read_text())
+        if record.get("node_id") != node_id:
+            write_result(Path(run_dir), {**record, "node_id": node_id})
+    return {**metrics, "node_id": node_id}
+
+
 class RayTrainSession:
     """The loop's :class:`~raykd.train.context.Session` inside a Ray Train worker."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: str | Path | None = None) -> None:
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.run_dir = Path(run_dir) if run_dir is not None and self.rank == 0 else None  # rank 0 writes result.json
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         import ray.train
 
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        ray.train.report(with_node_id(metrics, self.run_dir), checkpoint=ckpt)
 
     def latest_checkpoint(self) -> Path | None:
         import ray.train
@@ -60,7 +75,7 @@ class RayTrainSession:
 def _worker_fn(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker."""
     cfg = parse_run_config(config["config"])
-    train_loop(cfg, RayTrainSession(), config["run_dir"], stop_at=config.get("stop_at"),
+    train_loop(cfg, RayTrainSession(config["run_dir"]), config["run_dir"], stop_at=config.get("stop_at"),
                teacher_dir=config.get("teacher_dir"))  # fmt: skip
 
 
@@ -117,6 +132,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Raise ConnectionError unless a ``host:port`` address accepts TCP connections (``auto`` and
+    ``ray://`` addresses are left to Ray)."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"nothing answers at {address}: {e.strerror or e}") from None
+
+
 def init_ray(
     num_cpus_needed: float, address: str | None = None, verbose: bool = False, include_dashboard: bool = False
 ) -> None:
@@ -134,7 +161,25 @@ def init_ray(
         return
     common = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "ERROR"}
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], **common)
+        where = address or os.environ["RAY_ADDRESS"]
+        if where.startswith("ray://"):
+            from raykd.errors import ConfigError
+
+            raise ConfigError("--address" if address else "RAY_ADDRESS", "Ray Client (ray://) is not supported: run "
+                              "raykd on the head node (ray attach / ray exec) with --address auto")  # fmt: skip
+        try:
+            _reachable(where)  # ray.init retries an unreachable GCS for minutes
+            ray.init(address=where, **common)
+        except ConnectionError as e:
+            from raykd.errors import ConfigError
+
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            field = "--address" if address else "RAY_ADDRESS"
+            raise ConfigError(
+                field,
+                f"cannot join the Ray cluster at {where!r} ({first}); start one with `ray start "
+                "--head` or `ray up cluster.yaml`, or leave it out to start a local Ray",
+            ) from None
         return
     extra: dict[str, Any] = {}
     if include_dashboard:
@@ -153,20 +198,21 @@ def build_trainer(
     callbacks: list | None = None,
     stop_at: int | None = None,
     controller_failure_limit: int = 1,
+    storage_path: str | None = None,
 ):
     """The ``TorchTrainer`` of one run, sized by ``cfg.scaling`` (gloo on CPU, nccl on GPU).
 
-    Its Train run is named ``train`` under ``run_dir``: a new trainer for the same folder resumes the
-    latest checkpoint.  ``raykd train`` and multi-worker study trials (with ``TuneReportCallback``)
-    both build it here.
+    Its Train run is named ``train`` under ``run_dir`` (or under ``storage_path``, a shared folder or
+    cloud URI, when given): a new trainer for the same folder resumes the latest checkpoint.
+    ``raykd train`` and multi-worker study trials (with ``TuneReportCallback``) both build it here.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s, t = cfg.scaling, cfg.train
-    resources = {"CPU": s.cpus_per_worker}
-    if s.use_gpu:
-        resources["GPU"] = s.gpus_per_worker
+    from raykd.tune.trial import worker_bundle
+
+    resources = worker_bundle(cfg)  # CPUs, GPUs when use_gpu, and scaling.resources_per_worker
     return TorchTrainer(
         _worker_fn,
         train_loop_config={
@@ -181,7 +227,7 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=TRAIN_RUN_NAME,
-            storage_path=str(run_dir),
+            storage_path=storage_path or str(run_dir),
             callbacks=callbacks or [],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=ray.train.FailureConfig(

@@ -12,6 +12,7 @@ resumes the grid; finished trials are kept.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,12 @@ from raykd.data import data_of
 from raykd.errors import ConfigError
 from raykd.train.teacher import prepare_teacher
 from raykd.tune.space import check_key, check_metric, with_params
+from raykd.tune.storage import check_shared
 from raykd.tune.study import (
     TUNE_DIR,
     ProgressTable,
     _trial_dirname,
+    cluster_nodes,
     collect_trials,
     concurrency,
     init_ray_for,
@@ -102,9 +105,11 @@ def run(abl: AblationConfig, address: str | None = None) -> int:
     keys = list(abl.grid)
     n_trials = len(abl.seeds) * _cells(abl)
     cluster = init_ray_for(abl.base, address)
-    max_conc = concurrency(abl.base, n_trials, abl.max_concurrent, cluster)
+    joined = bool(address or os.environ.get("RAY_ADDRESS"))
+    max_conc = concurrency(abl.base, n_trials, abl.max_concurrent, cluster, cluster_nodes(), joined)
     tune_dir = (folder / TUNE_DIR).resolve()
     folder.mkdir(parents=True, exist_ok=True)
+    check_shared(folder)  # a multi-node cluster: every node must see the ablation folder
     teacher_dirs = prepare_teachers(abl, folder, address)
     trainable = make_trainable(abl.base, keys, folder, seed_keys=seed_keys(abl), teacher_dir=teacher_dirs)
     started = time.time()

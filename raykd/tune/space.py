@@ -130,7 +130,8 @@ def reported_metrics(base: RunConfig) -> set[str]:
     """Every metric a run of ``base`` reports at each evaluation."""
     from raykd.methods import METHODS
 
-    metrics = set(LOOP_METRICS) | set(METHODS.get(base.method.name).logs)
+    method = METHODS.get(base.method.name)
+    metrics = set(LOOP_METRICS) | set(method.logs) | set(method.eval_metrics(base))
     if base.data.val_per_class > 0:
         metrics |= set(VAL_METRICS)
     return metrics

@@ -10,6 +10,10 @@ A study named N lands in ``<storage>/N/`` (default ``runs/N/``)::
     best.yaml             the best trial's complete run config (+ metrics and provenance)
     study.md, study_trials.csv, *.png   tables and plots (``raykd report``)
 
+``--storage`` may be a shared folder or a cloud URI (raykd/tune/storage.py, docs/cluster.md): with a
+URI, Ray writes ``tune/`` and the checkpoints to ``<uri>/N/``, the driver keeps the rest in its working
+copy ``runs/N/`` (trial folders rebuilt from Tune's results) and copies it to ``<uri>/N/``.
+
 Selection uses ``tune.metric`` (default ``val_acc``, the held-out validation split) and reports test
 accuracy separately; see docs/studies.md.
 """
@@ -19,6 +23,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -34,7 +40,8 @@ from raykd.data import data_of
 from raykd.errors import ConfigError, raykd_command
 from raykd.train.teacher import prepare_teacher
 from raykd.tune.space import Dist, check_metric, resolve_search, short_names, suggest, with_params
-from raykd.tune.trial import TRIALS_DIR, run_trial, trial_needs, trial_resources
+from raykd.tune.storage import check_shared, is_uri, join, node_local_root, upload, uri_exists
+from raykd.tune.trial import TRIALS_DIR, run_trial, trial_needs, trial_resources, trials_that_fit
 
 STUDY_FILE = "study.yaml"
 TUNE_DIR = "tune"
@@ -64,31 +71,64 @@ def check_study(study: StudyConfig) -> dict[str, Dist]:
         print(f"warning: selecting on {study.tune.metric} tunes on the test set; set base.data.val_per_class and "
               "tune.metric: val_acc for an unbiased test figure", file=sys.stderr)  # fmt: skip
     data_of(study.base)
+    teacher = study.base.teacher
+    if is_uri(study.tune.storage) and teacher is not None and teacher.run is not None:
+        raise ConfigError("base.teacher.run", "with a cloud URI as storage, trials on other nodes cannot read a "
+                          "teacher trained on this machine; train it first (raykd train) and set "
+                          "base.teacher.checkpoint to its run folder on a path every node sees")  # fmt: skip
     return space
 
 
 def study_dir_of(study: StudyConfig) -> Path:
-    return Path(study.tune.storage or "runs") / study.name
+    """The study folder; with a cloud URI as storage, the driver's working copy ``runs/<name>``."""
+    storage = study.tune.storage
+    return Path("runs" if storage is None or is_uri(storage) else storage) / study.name
+
+
+def remote_dir_of(study: StudyConfig) -> str | None:
+    """``<uri>/<name>`` when the study's storage is a cloud URI, else None."""
+    return join(study.tune.storage, study.name) if is_uri(study.tune.storage) else None
 
 
 def num_evals(cfg: RunConfig) -> int:
     return math.ceil(cfg.train.steps / cfg.train.eval_every)
 
 
-def concurrency(base: RunConfig, num_trials: int, cap: int | None, cluster: dict[str, float]) -> int:
-    """How many trials run at once: what the cluster's resources fit, capped by ``cap`` and the trial count.
+def concurrency(
+    base: RunConfig,
+    num_trials: int,
+    cap: int | None,
+    cluster: dict[str, float],
+    nodes: list[dict[str, float]] | None = None,
+    joined: bool = False,
+) -> int:
+    """How many trials run at once: what the nodes fit (:func:`~raykd.tune.trial.trials_that_fit`), capped
+    by ``cap`` and the trial count.
 
     Tune counts only each trial's own process; a Train-in-Tune trial's workers reserve their own
-    placement group, so raykd computes the fit from everything a trial holds (``trial_needs``).
+    placement group, so raykd computes the fit from everything a trial holds.  ``nodes``: each alive
+    node's resources (default: the cluster's totals as one node).  ``joined`` (an existing cluster,
+    which may autoscale): an explicit ``cap`` is kept even above what fits now, so that the waiting
+    trials make the autoscaler add nodes.
     """
-    need = trial_needs(base)
-    fits = min(math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0)
+    fits = trials_that_fit(base, nodes if nodes is not None else [cluster])
+    if joined and cap:
+        return min(cap, num_trials)
     if fits < 1:
+        need = trial_needs(base)
         have = {k: cluster.get(k, 0.0) for k in need}
+        hint = "; on an autoscaling cluster set tune.max_concurrent, and trials wait for new nodes" if joined else ""
         raise ConfigError("base.scaling", f"one trial needs {need} but the cluster has {have}; lower "
-                          "scaling.num_workers / cpus_per_worker / gpus_per_worker or add nodes")  # fmt: skip
+                          "scaling.num_workers / cpus_per_worker / gpus_per_worker or add nodes" + hint)  # fmt: skip
     n = min(fits, num_trials)
     return min(n, cap) if cap else n
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """The total resources of each alive node of the connected Ray cluster."""
+    import ray
+
+    return [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
 
 
 def init_ray_for(study_base: RunConfig, address: str | None) -> dict[str, float]:
@@ -116,14 +156,16 @@ def make_trainable(
     study_dir: Path,
     seed_keys: tuple[str, ...] = (),
     teacher_dir: Path | dict[int, Path] | None = None,
+    remote: str | None = None,
 ):
     """The Tune trainable of a study (``keys`` = the searched knobs) or an ablation (the grid knobs;
     the trial's ``seed`` param goes to every key of ``seed_keys``), with the trial's resources.  The
     teacher, if any, was trained by the driver beforehand (``teacher_dir``, or one per seed); trials
-    only load it."""
+    only load it.  With ``remote`` (cloud storage ``<uri>/<name>``) a trial writes its run folder in a
+    scratch folder of its node and its Train checkpoints to ``<remote>/trials/<id>``."""
     from ray import tune
 
-    root, raw = str(study_dir.resolve()), base.model_dump(mode="json")
+    root, raw, name = str(study_dir.resolve()), base.model_dump(mode="json"), study_dir.name
     if isinstance(teacher_dir, dict):
         teachers = {seed: str(d) for seed, d in teacher_dir.items()}
     else:
@@ -134,13 +176,24 @@ def make_trainable(
         params.update({k: config["seed"] for k in seed_keys})
         trial_id = tune.get_context().get_trial_id()
         teacher = teachers.get(config.get("seed"), teachers.get(None))
-        run_trial(with_params(raw, params), Path(root) / TRIALS_DIR / trial_id, teacher_dir=teacher)
+        if remote is None:
+            run_trial(with_params(raw, params), Path(root) / TRIALS_DIR / trial_id, teacher_dir=teacher)
+        else:  # the driver rebuilds the trial folder from Tune's results; this node's copy is scratch
+            scratch = node_local_root(name) / TRIALS_DIR / trial_id
+            run_trial(with_params(raw, params), scratch, teacher_dir=teacher,
+                      train_storage=join(remote, TRIALS_DIR, trial_id))  # fmt: skip
+            shutil.rmtree(scratch, ignore_errors=True)
 
     return tune.with_resources(raykd_trial, trial_resources(base))
 
 
 def build_tuner(
-    study: StudyConfig, space: dict[str, Dist], study_dir: Path, max_concurrent: int, teacher_dir: Path | None
+    study: StudyConfig,
+    space: dict[str, Dist],
+    study_dir: Path,
+    max_concurrent: int,
+    teacher_dir: Path | None,
+    remote: str | None = None,
 ):
     import optuna
 
@@ -159,15 +212,18 @@ def build_tuner(
                                   grace_period=t.grace_period, reduction_factor=t.reduction_factor)  # fmt: skip
     else:
         scheduler = FIFOScheduler()
+    callbacks = [ProgressTable(list(study.search), t.metric, t.mode, study.base.train.steps)]
+    if remote is not None:
+        callbacks.append(TrialMirror(study_dir, remote, study.base, list(study.search)))
     return tune.Tuner(
-        make_trainable(study.base, list(study.search), study_dir, teacher_dir=teacher_dir),
+        make_trainable(study.base, list(study.search), study_dir, teacher_dir=teacher_dir, remote=remote),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=t.num_samples,
                                     max_concurrent_trials=max_concurrent, trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(
-            name=TUNE_DIR, storage_path=str(study_dir.resolve()), verbose=0,
+            name=TUNE_DIR, storage_path=remote or str(study_dir.resolve()), verbose=0,
             failure_config=tune.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=study.base.train.keep_checkpoints),
-            callbacks=[ProgressTable(list(study.search), t.metric, t.mode, study.base.train.steps)],
+            callbacks=callbacks,
         ),
     )  # fmt: skip
 
@@ -256,6 +312,92 @@ class ProgressTable(Callback):
 
 
 # --------------------------------------------------------------------------------------------
+# cloud storage: the driver's working copy of the trial folders
+
+
+#: study name -> working copy, set by the driver that runs or resumes it (a restored tuner's mirror
+#: was pickled with the folder of the machine that started the study)
+_WORKING_COPY: dict[str, Path] = {}
+#: trial id -> Tune status, kept by the mirror (the Tune experiment state is in the bucket)
+MIRRORED_STATES = "trial_states.json"
+#: Tune's own result keys, left out of the rebuilt progress lines
+_TUNE_KEYS = {"trial_id", "done", "experiment_tag", "checkpoint_path", "should_checkpoint", "training_iteration"}
+
+
+class TrialMirror(Callback):
+    """Cloud storage: trials run on any node and write their run folders there, so the driver rebuilds
+    each trial folder (``config.yaml``, ``progress.jsonl``, ``result.json``) in its working copy from
+    the results Tune hands it, and copies the working copy to ``remote`` after every finished trial
+    and at the end of the experiment."""
+
+    def __init__(self, study_dir: Path, remote: str, base: RunConfig, keys: list[str]):
+        self.study_dir, self.remote, self.keys = study_dir.resolve(), remote, keys
+        self.raw, self.steps = base.model_dump(mode="json"), base.train.steps
+        self._last_step: dict[str, int] = {}
+
+    def _root(self) -> Path:
+        return _WORKING_COPY.get(self.study_dir.name, self.study_dir)
+
+    def _dir(self, trial) -> Path:
+        d = self._root() / TRIALS_DIR / trial.trial_id
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _set_state(self, trial, status: str) -> None:
+        path = self._root() / MIRRORED_STATES
+        try:
+            states = json.loads(path.read_text())
+        except (json.JSONDecodeError, OSError):
+            states = {}
+        states[trial.trial_id] = status
+        path.with_suffix(".tmp").write_text(json.dumps(states, indent=1))
+        path.with_suffix(".tmp").replace(path)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._set_state(trial, "RUNNING")
+        d = self._dir(trial)
+        if not (d / "config.yaml").exists():
+            params = {k: trial.config[k] for k in self.keys}
+            (d / "config.yaml").write_text(dump_run_config(with_params(self.raw, params)))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from ray.tune.result import AUTO_RESULT_KEYS
+
+        from raykd.train.context import append_progress, write_result
+
+        d = self._dir(trial)
+        step = result.get("step")
+        if trial.trial_id not in self._last_step and (d / "progress.jsonl").exists():
+            lines = (d / "progress.jsonl").read_text().splitlines()
+            self._last_step[trial.trial_id] = json.loads(lines[-1]).get("step", -1) if lines else -1
+        if not isinstance(step, int) or step <= self._last_step.get(trial.trial_id, -1):
+            return  # a restarted trial re-reporting a step already recorded
+        self._last_step[trial.trial_id] = step
+        skip = set(AUTO_RESULT_KEYS) | _TUNE_KEYS
+        record = {k: v for k, v in result.items() if k not in skip and isinstance(v, (int, float, str, bool))}
+        append_progress(d, record)
+        if step == self.steps:
+            write_result(d, record)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._set_state(trial, "TERMINATED")
+        self.sync()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._set_state(trial, "ERROR")
+        self.sync()
+
+    def on_experiment_end(self, trials, **info):
+        self.sync()
+
+    def sync(self) -> None:
+        try:
+            upload(_WORKING_COPY.get(self.study_dir.name, self.study_dir), self.remote)
+        except Exception as e:  # noqa: BLE001 - the next sync retries; a study must not die of a failed copy
+            print(f"warning: could not copy the study folder to {self.remote} ({e})", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
 # reading a study folder (works while it runs and after)
 
 
@@ -267,10 +409,14 @@ def _dotted(raw: dict[str, Any], key: str) -> Any:
 
 
 def _tune_states(study_dir: Path) -> dict[str, str]:
-    """Trial id → Tune status from the newest experiment-state file (empty if none yet)."""
+    """Trial id → Tune status from the newest experiment-state file (empty if none yet); with cloud
+    storage, from the states the driver's :class:`TrialMirror` keeps in the working copy."""
     files = sorted((study_dir / TUNE_DIR).glob("experiment_state-*.json"))
     if not files:
-        return {}
+        try:
+            return json.loads((study_dir / MIRRORED_STATES).read_text())
+        except (json.JSONDecodeError, OSError):
+            return {}
     try:
         state = json.loads(files[-1].read_text())
     except (json.JSONDecodeError, OSError):
@@ -419,13 +565,25 @@ def _finish(study: StudyConfig, study_dir: Path, wall: float) -> int:
 
 def run(study: StudyConfig, space: dict[str, Dist], address: str | None = None) -> int:
     """``raykd study run``: start a new study (``space`` from :func:`check_study`)."""
-    study_dir = study_dir_of(study)
+    study_dir, remote = study_dir_of(study), remote_dir_of(study)
     if (study_dir / TUNE_DIR / "tuner.pkl").exists() or (study_dir / STUDY_FILE).exists():
         raise ConfigError("--name", f"study {study.name!r} already exists in {study_dir}: continue it with "
                           f"`raykd study resume {study_dir}`, or pick another --name / --storage")  # fmt: skip
+    if remote is not None and uri_exists(join(remote, TUNE_DIR)):
+        raise ConfigError("--name", f"study {study.name!r} already exists in {remote}: copy it to {study_dir} and "
+                          f"`raykd study resume {study_dir}`, or pick another --name / --storage")  # fmt: skip
     cluster = init_ray_for(study.base, address)
-    max_conc = concurrency(study.base, study.tune.num_samples, study.tune.max_concurrent, cluster)
+    joined = bool(address or os.environ.get("RAY_ADDRESS"))
+    nodes = cluster_nodes()
+    max_conc = concurrency(study.base, study.tune.num_samples, study.tune.max_concurrent, cluster, nodes, joined)
+    fits_now = trials_that_fit(study.base, nodes)
+    if max_conc > fits_now:
+        print(f"note: the cluster fits {fits_now} trial(s) now; up to {max_conc} start as the autoscaler adds nodes",
+              flush=True)  # fmt: skip
     study_dir.mkdir(parents=True, exist_ok=True)
+    if remote is None:
+        check_shared(study_dir)  # a multi-node cluster: every node must see the study folder
+    _WORKING_COPY[study.name] = study_dir.resolve()
     (study_dir / STUDY_FILE).write_text(yaml.safe_dump(study.model_dump(mode="json", exclude={"base": {"provenance"}}),
                                                        sort_keys=False))  # fmt: skip
     b, t = study.base, study.tune
@@ -434,13 +592,25 @@ def run(study: StudyConfig, space: dict[str, Dist], address: str | None = None) 
     print(
         f"  optimising {t.metric} ({t.mode}) with Optuna TPE (seed {t.seed}), scheduler {t.scheduler}; "
         f"{max_conc} trial(s) at a time, each {b.scaling.num_workers} worker(s) "
-        f"({'inline' if b.scaling.num_workers == 1 else 'Train-in-Tune, DDP'}); folder {study_dir}",
+        f"({'inline' if b.scaling.num_workers == 1 else 'Train-in-Tune, DDP'}); folder {study_dir}"
+        + (f" (copied to {remote}; Ray's experiment and checkpoints are written there)" if remote else ""),
         flush=True,
     )
     started = time.time()
     teacher_dir = prepare_teacher(study.base, study_dir, address)
-    build_tuner(study, space, study_dir, max_conc, teacher_dir).fit()
-    return _finish(study, study_dir, time.time() - started)
+    build_tuner(study, space, study_dir, max_conc, teacher_dir, remote).fit()
+    return _finish_and_sync(study, study_dir, remote, time.time() - started)
+
+
+def _finish_and_sync(study: StudyConfig, study_dir: Path, remote: str | None, wall: float) -> int:
+    rc = _finish(study, study_dir, wall)
+    if remote is not None:
+        try:
+            upload(study_dir, remote)  # best.yaml and the report too
+            print(f"copied {study_dir} to {remote}", flush=True)
+        except Exception as e:  # noqa: BLE001 - the study itself is done and in the working copy
+            print(f"warning: could not copy {study_dir} to {remote} ({e}); copy it yourself", file=sys.stderr)
+    return rc
 
 
 def resume(study_dir: Path, address: str | None = None) -> int:
@@ -452,18 +622,22 @@ def resume(study_dir: Path, address: str | None = None) -> int:
                           "created, e.g. runs/<name>")  # fmt: skip
     study = parse_config(read_yaml(study_dir / STUDY_FILE), StudyConfig)
     check_study(study)
-    tune_dir = (study_dir / TUNE_DIR).resolve()
+    remote = remote_dir_of(study)
+    tune_dir = join(remote, TUNE_DIR) if remote else str((study_dir / TUNE_DIR).resolve())
     init_ray_for(study.base, address)
-    if not tune.Tuner.can_restore(str(tune_dir)):
-        raise ConfigError(str(study_dir), "the Tune experiment was never saved (tune/tuner.pkl missing); start it "
-                          "again with `raykd study run`")  # fmt: skip
+    if remote is None:
+        check_shared(study_dir)
+    _WORKING_COPY[study.name] = study_dir.resolve()
+    if not tune.Tuner.can_restore(tune_dir):
+        raise ConfigError(str(study_dir), f"the Tune experiment was never saved ({tune_dir}/tuner.pkl missing); start "
+                          "it again with `raykd study run`")  # fmt: skip
     done = [r["trial_id"] for r in collect_trials(study_dir, list(study.search), study.base.train.steps)
             if r["state"] == "done"]  # fmt: skip
     print(f"resuming study {study.name} in {study_dir}: {len(done)} finished trial(s) kept", flush=True)
     started = time.time()
     teacher_dir = prepare_teacher(study.base, study_dir, address)  # cached: found, not retrained
-    trainable = make_trainable(study.base, list(study.search), study_dir, teacher_dir=teacher_dir)
-    tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
+    trainable = make_trainable(study.base, list(study.search), study_dir, teacher_dir=teacher_dir, remote=remote)
+    tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True,
                                resume_errored=True)  # fmt: skip
     tuner.fit()
-    return _finish(study, study_dir, time.time() - started)
+    return _finish_and_sync(study, study_dir, remote, time.time() - started)
