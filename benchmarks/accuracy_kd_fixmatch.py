@@ -11,12 +11,7 @@ table (mean ± std over seeds) to stdout and, with ``--write``, into docs/result
 
 from __future__ import annotations
 
-import tempfile
-import time
-from pathlib import Path
-
-import torch
-from common import arguments, publish, record, run_config, teacher_result, train
+from common import arguments, begin, publish, record, run_config, teacher_result, train
 
 SECTION = "## KD-FixMatch vs FixMatch (Fashion-MNIST)"
 KEYS = ("test_acc", "best_test_acc", "trusted_size", "trusted_acc")
@@ -24,10 +19,7 @@ KEYS = ("test_acc", "best_test_acc", "trusted_size", "trusted_acc")
 
 def main() -> None:
     args = arguments(__doc__.split("\n")[0]).parse_args()
-    torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="raykd-acc-kdfm-"))
-    rows: dict[str, dict[str, list[float]]] = {}
-    started = time.time()
+    work, rows, started = begin(args, "kdfm")
     for seed in args.seeds:
         raw = run_config("kd_fixmatch", seed, args, teacher={"run": run_config("fixmatch", seed, args)})
         kdfm = train(raw, work / f"kd_fixmatch-{seed}", work)

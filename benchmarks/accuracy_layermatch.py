@@ -18,12 +18,9 @@ Writes a table (mean ± std over seeds) to stdout and, with ``--write``, into do
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
-import torch
-from common import arguments, record, run_config, table, train, write_section
+from common import arguments, begin, record, run_config, table, train, write_section
 
 SECTION = "## LayerMatch vs FixMatch (Fashion-MNIST)"
 KEYS = ("test_acc", "best_test_acc", "mask_rate", "pseudo_acc")
@@ -39,10 +36,7 @@ def main() -> None:
     p = arguments(__doc__.split("\n")[0], steps=600, width=16)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="raykd-acc-layermatch-"))
-    rows: dict[str, dict[str, list[float]]] = {}
-    started = time.time()
+    work, rows, started = begin(args, "layermatch")
     for seed in args.seeds:
         accs = []
         for name in args.variants:

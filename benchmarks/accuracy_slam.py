@@ -24,12 +24,7 @@ and, with ``--write``, into docs/results.md.
 
 from __future__ import annotations
 
-import tempfile
-import time
-from pathlib import Path
-
-import torch
-from common import arguments, publish, record, run_config, teacher_result, train
+from common import arguments, begin, publish, record, run_config, teacher_result, train
 
 SECTION = "## SLaM vs vanilla KD (Fashion-MNIST)"
 KEYS = ("test_acc", "best_test_acc", "teacher_acc", "alpha_mean", "topk_cover", "k_mean")
@@ -40,10 +35,7 @@ def main() -> None:
     p.add_argument("--teacher-width", type=int, default=8, help="small_cnn width of the weak teacher")
     p.add_argument("--val-per-class", type=int, default=20, help="held-out validation images per class (SLaM's V)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="raykd-acc-slam-"))
-    rows: dict[str, dict[str, list[float]]] = {}
-    started = time.time()
+    work, rows, started = begin(args, "slam")
     for seed in args.seeds:
         data = {"val_per_class": args.val_per_class}
         teacher = {"run": run_config("supervised", seed, args, data=data, model={"width": args.teacher_width})}

@@ -14,12 +14,9 @@ std over seeds) to stdout and, with ``--write``, into docs/results.md.
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
-import torch
-from common import arguments, publish, record, run_config, teacher_result, train
+from common import arguments, begin, publish, record, run_config, teacher_result, train
 
 SECTION = "## TSKD (Fashion-MNIST)"
 EXITS = ("test_exit1_acc", "test_exit2_acc", "test_exit3_acc")
@@ -33,10 +30,7 @@ def main() -> None:
     p.add_argument("--uratio", type=int, default=3, help="unlabeled batch = uratio x 32")
     p.add_argument("--val", type=int, default=5, help="validation images per class (weighted vote only)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="raykd-acc-tskd-"))
-    rows: dict[str, dict[str, list[float]]] = {}
-    started = time.time()
+    work, rows, started = begin(args, "tskd")
     data = {"val_per_class": args.val}
     tr = {"uratio": args.uratio}
     for seed in args.seeds:

@@ -37,6 +37,16 @@ def arguments(description: str, *, labels: int = 4, steps: int = 1500, width: in
     return p
 
 
+def begin(args: argparse.Namespace, name: str) -> tuple[Path, dict[str, dict[str, list[float]]], float]:
+    """Set torch's threads; return a fresh scratch folder, the empty result rows and the start time."""
+    import tempfile
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    return Path(tempfile.mkdtemp(prefix=f"raykd-acc-{name}-")), {}, time.time()
+
+
 def run_config(method: str | dict[str, Any], seed: int, args: argparse.Namespace, **sections: dict[str, Any]) -> dict:
     """A raw Fashion-MNIST run config for ``method`` (a name or a ``method`` section).
 

@@ -47,6 +47,22 @@ def tiny_teacher(cfg: RunConfig, cache_root: str | Path) -> Path | None:
     return ensure_teacher(cfg, Path(cache_root), lambda tcfg, d: train_loop(tcfg, LocalSession(d), d))
 
 
+def record_optimised(monkeypatch) -> list[torch.nn.Parameter]:
+    """Patch the loop's optimiser constructor (pytest ``monkeypatch``) to record every parameter it is
+    given; returns the list it fills, so a test can assert what is (and is not) optimised."""
+    from raykd.train import loop
+
+    optimised: list[torch.nn.Parameter] = []
+    real_sgd = torch.optim.SGD
+
+    def recording_sgd(groups, **kw):
+        optimised.extend(p for g in groups for p in g["params"])
+        return real_sgd(groups, **kw)
+
+    monkeypatch.setattr(loop.torch.optim, "SGD", recording_sgd)
+    return optimised
+
+
 def flat_state(module: torch.nn.Module) -> torch.Tensor:
     """All parameters and floating buffers of ``module`` as one float64 vector."""
     parts = [p.detach().double().flatten().cpu() for p in module.parameters()]

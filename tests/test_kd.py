@@ -11,8 +11,7 @@ import torch
 from raykd.config import parse_run_config
 from raykd.errors import ConfigError
 from raykd.methods.kd import kd_loss
-from raykd.testing import flat_state, tiny_run_config, tiny_teacher
-from raykd.train import loop as loop_mod
+from raykd.testing import flat_state, record_optimised, tiny_run_config, tiny_teacher
 from raykd.train.context import LocalSession
 from raykd.train.loop import train_loop
 from raykd.train.teacher import ensure_teacher, load_teacher, teacher_hash
@@ -46,14 +45,7 @@ def test_teacher_is_frozen_unchanged_and_never_optimised(tmp_path, monkeypatch):
     cfg = tiny_run_config("kd", train={"steps": 3, "eval_every": 3})
     teacher_dir = tiny_teacher(cfg, tmp_path)
     before = flat_state(load_teacher(teacher_dir, torch.device("cpu")))
-    optimised: list[torch.nn.Parameter] = []
-    real_sgd = torch.optim.SGD
-
-    def recording_sgd(groups, **kw):
-        optimised.extend(p for g in groups for p in g["params"])
-        return real_sgd(groups, **kw)
-
-    monkeypatch.setattr(loop_mod.torch.optim, "SGD", recording_sgd)
+    optimised = record_optimised(monkeypatch)
     seen = {}
     train_loop(cfg, LocalSession(tmp_path / "run"), tmp_path / "run", teacher_dir=teacher_dir,
                on_end=lambda ctx, m: seen.update(teacher=ctx.teacher, student=ctx.raw_model))  # fmt: skip

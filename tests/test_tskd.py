@@ -14,8 +14,7 @@ from raykd.methods.kd import kd_loss
 from raykd.methods.tskd import TSKD, ensemble_vote, self_distillation_losses, tskd_loss
 from raykd.models import build_model
 from raykd.models.multi_exit import MultiExit
-from raykd.testing import flat_state, tiny_run_config, tiny_teacher
-from raykd.train import loop as loop_mod
+from raykd.testing import flat_state, record_optimised, tiny_run_config, tiny_teacher
 from raykd.train.context import LocalSession
 from raykd.train.loop import train_loop
 from raykd.train.teacher import load_teacher
@@ -152,14 +151,7 @@ def test_teacher_frozen_per_exit_metrics_weighted_vote_and_a_tskd_teacher(tmp_pa
     cfg = tiny_run_config("tskd", train={"steps": 3, "eval_every": 3}, method={"vote": "weighted"})
     teacher_dir = tiny_teacher(cfg, tmp_path)
     before = flat_state(load_teacher(teacher_dir, torch.device("cpu")))
-    optimised: list[torch.nn.Parameter] = []
-    real_sgd = torch.optim.SGD
-
-    def recording_sgd(groups, **kw):
-        optimised.extend(p for g in groups for p in g["params"])
-        return real_sgd(groups, **kw)
-
-    monkeypatch.setattr(loop_mod.torch.optim, "SGD", recording_sgd)
+    optimised = record_optimised(monkeypatch)
     seen = {}
     run = tmp_path / "run"
     metrics = train_loop(cfg, LocalSession(run), run, teacher_dir=teacher_dir,

@@ -36,15 +36,10 @@ Our decisions where the paper's text was not available (METHODS.md [INF]), each 
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import model_validator
 
@@ -52,6 +47,7 @@ from raykd.config import MethodConfig, knob
 from raykd.errors import ConfigError
 from raykd.methods.base import METHODS, Batch
 from raykd.methods.fixmatch import FixMatch, pseudo_label_accuracy
+from raykd.train.teacher import teacher_table
 
 
 def high_confidence(probs: np.ndarray, tau_hc: float, mode: str = "threshold", fraction: float = 0.5) -> np.ndarray:
@@ -251,7 +247,7 @@ class KDFixMatch(FixMatch):
                 raise ConfigError("method.inner_init", "outer_weights needs the teacher's architecture for the "
                                   f"student (same model section) or inner_init: scratch ({first})") from e  # fmt: skip
 
-    def _cache_file(self) -> Path:
+    def _table_key(self) -> list:
         c = self.cfg
         selection = [
             c.tau_hc if c.hc_mode == "threshold" else c.hc_fraction,
@@ -263,10 +259,7 @@ class KDFixMatch(FixMatch):
             c.dec_refresh if c.clustering == "dec" else None,
             c.cluster_map,
         ]
-        key = json.dumps([selection, self.ctx.run.train.seed, self.ctx.run.data.model_dump(mode="json")],
-                         sort_keys=True)  # fmt: skip
-        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-        return Path(self.ctx.teacher_dir) / f"trusted-{digest}.pt"
+        return [selection, self.ctx.run.train.seed, self.ctx.run.data.model_dump(mode="json")]  # fmt: skip
 
     def _k(self) -> int:
         return self.cfg.num_clusters or self.cfg.cluster_mult * self.ctx.num_classes
@@ -281,39 +274,22 @@ class KDFixMatch(FixMatch):
             embs.append((h if self.cfg.embedding == "penultimate" else logits).float().cpu())
         return torch.cat(probs).numpy(), torch.cat(embs).numpy()
 
+    def _build_table(self) -> dict:
+        c, ctx = self.cfg, self.ctx
+        probs, emb = self._teacher_outputs()
+        trusted, label, info = trusted_subset(probs, emb, c.tau_hc, self._k(), c.purity_min, ctx.run.train.seed,
+                                              hc_mode=c.hc_mode, hc_fraction=c.hc_fraction, clustering=c.clustering,
+                                              cluster_map=c.cluster_map)  # fmt: skip
+        hidden = ctx.data.unlabeled.labels.numpy()
+        known = trusted & (hidden >= 0)
+        info["trusted_acc"] = float((label[known] == hidden[known]).mean()) if known.any() else float("nan")
+        return {"trusted": torch.from_numpy(trusted), "label": torch.from_numpy(label), "info": info}
+
     def before_training(self) -> None:
         """Compute (rank 0, once per configuration; cached beside the teacher) or load the trusted table."""
-        ctx, path = self.ctx, self._cache_file()
-        if ctx.rank == 0:
-            with open(path.with_suffix(".lock"), "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent trials with the same setting compute it once
-                if not path.exists():
-                    probs, emb = self._teacher_outputs()
-                    c = self.cfg
-                    trusted, label, info = trusted_subset(
-                        probs,
-                        emb,
-                        c.tau_hc,
-                        self._k(),
-                        c.purity_min,
-                        ctx.run.train.seed,
-                        hc_mode=c.hc_mode,
-                        hc_fraction=c.hc_fraction,
-                        clustering=c.clustering,
-                        cluster_map=c.cluster_map,
-                    )
-                    hidden = ctx.data.unlabeled.labels.numpy()
-                    known = trusted & (hidden >= 0)
-                    info["trusted_acc"] = float((label[known] == hidden[known]).mean()) if known.any() else float("nan")
-                    tmp = path.with_suffix(".tmp")
-                    torch.save({"trusted": torch.from_numpy(trusted), "label": torch.from_numpy(label),
-                                "info": info}, tmp)  # fmt: skip
-                    tmp.replace(path)
-        if ctx.world_size > 1 and dist.is_initialized():
-            dist.barrier()  # every rank reads rank 0's table: identical per-sample state everywhere
-        table = torch.load(path, map_location="cpu", weights_only=True)
-        self.trusted = table["trusted"].to(ctx.device)
-        self.trusted_label = table["label"].to(ctx.device)
+        table = teacher_table(self.ctx, "trusted", self._table_key(), self._build_table)
+        self.trusted = table["trusted"].to(self.ctx.device)
+        self.trusted_label = table["label"].to(self.ctx.device)
         self.info = dict(table["info"])
 
     def _per_sample(self, log_p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

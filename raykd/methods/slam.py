@@ -42,21 +42,18 @@ labels are not (they are re-loaded from the cache on a restart like the rest of 
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
 from raykd.config import DataConfig, MethodConfig, RunConfig, knob
 from raykd.errors import ConfigError
 from raykd.methods.base import METHODS, Batch, Method
+from raykd.train.teacher import teacher_table
 
 EPS = 1e-8
 
@@ -282,13 +279,10 @@ class SLaM(Method):
     def _alpha_min(self) -> float:
         return self.cfg.alpha_min if self.cfg.alpha_min is not None else 1.0 / self.ctx.num_classes
 
-    def _cache_file(self) -> Path:
+    def _table_key(self) -> list:
         c = self.cfg
-        key = json.dumps(["slam-v1", c.temperature, c.statistic, c.k_nn, c.isotonic, c.rho, c.k_max, c.k_rule,
-                          self._alpha_min(), self.ctx.run.data.model_dump(mode="json")], sort_keys=True)  # fmt: skip
-        folder = Path(self.ctx.teacher_dir)
-        folder = folder if folder.is_dir() else folder.parent  # teacher.checkpoint may name a state.pt
-        return folder / f"slam-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+        return ["slam-v1", c.temperature, c.statistic, c.k_nn, c.isotonic, c.rho, c.k_max, c.k_rule,
+                self._alpha_min(), self.ctx.run.data.model_dump(mode="json")]  # fmt: skip
 
     def _check_teacher_split(self) -> None:
         from raykd.config import parse_run_config
@@ -336,18 +330,9 @@ class SLaM(Method):
 
     def before_training(self) -> None:
         """Compute (rank 0, once per setting; cached beside the teacher) or load the per-sample table."""
-        ctx, path = self.ctx, self._cache_file()
+        ctx = self.ctx
         self._check_teacher_split()
-        if ctx.rank == 0:
-            with open(path.with_suffix(".lock"), "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent trials with the same setting compute it once
-                if not path.exists():
-                    tmp = path.with_suffix(".tmp")
-                    torch.save(self.build_table(), tmp)
-                    tmp.replace(path)
-        if ctx.world_size > 1 and dist.is_initialized():
-            dist.barrier()  # every rank reads rank 0's table: identical per-sample state everywhere
-        table = torch.load(path, map_location="cpu", weights_only=True)
+        table = teacher_table(ctx, "slam", self._table_key(), self.build_table)
         self.teacher_probs = table["probs"].to(ctx.device)
         self.alpha = table["alpha"].to(ctx.device)
         self.k = table["k"].to(ctx.device)

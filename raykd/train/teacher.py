@@ -15,13 +15,18 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 import yaml
 from torch import nn
 
 from raykd.config import RunConfig, dump_run_config, parse_run_config
 from raykd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from raykd.train.context import StepContext
 
 TEACHERS_DIR = "teachers"
 STATE_FILE = "state.pt"
@@ -126,3 +131,26 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def teacher_table(ctx: StepContext, prefix: str, key: object, build: Callable[[], dict]) -> dict:
+    """A per-sample table derived from the frozen teacher (trusted labels, α/k, ...), identical on every rank.
+
+    Rank 0 calls ``build()`` once per ``key`` (any JSON-able description of everything the table
+    depends on) under a file lock — concurrent trials with the same setting build it once — and saves
+    it beside the teacher as ``<prefix>-<hash of key>.pt``; after a barrier every rank loads that file.
+    """
+    folder = Path(ctx.teacher_dir)
+    folder = folder if folder.is_dir() else folder.parent  # teacher.checkpoint may name a state.pt
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = folder / f"{prefix}-{digest}.pt"
+    if ctx.rank == 0:
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.exists():
+                tmp = path.with_suffix(".tmp")
+                torch.save(build(), tmp)
+                tmp.replace(path)
+    if ctx.world_size > 1 and dist.is_initialized():
+        dist.barrier()  # every rank reads rank 0's table
+    return torch.load(path, map_location="cpu", weights_only=True)
