@@ -63,16 +63,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(method: Method, model: nn.Module, ds: ArrayDataset, ctx: StepContext, batch_size: int) -> float:
-    """Accuracy of ``method.predict(model, ·)`` on ``ds``, sharded over ranks and all-reduced."""
-    return evaluate_all(method, model, ds, ctx, batch_size)[0]
-
-
-@torch.no_grad()
 def evaluate_all(
     method: Method, model: nn.Module, ds: ArrayDataset, ctx: StepContext, batch_size: int
 ) -> tuple[float, dict[str, float]]:
-    """Accuracy of ``method.predict_all``'s logits and of each of its named extra logits on ``ds``."""
+    """Accuracy of ``method.predict_all``'s logits and of each of its named extra logits on ``ds``,
+    sharded over ranks and all-reduced."""
     was_training = model.training
     model.eval()
     idx = torch.arange(ctx.rank, len(ds), ctx.world_size)
