@@ -71,17 +71,32 @@ def flat_state(module: torch.nn.Module) -> torch.Tensor:
 
 
 def ddp_probe_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker: run the loop, then save this rank's weights and method state to
-    ``config["probe_dir"]/rank_<r>.pt`` so a test can check that the ranks agree."""
+    """Ray Train worker: run the loop once per entry of ``config["runs"]`` (each a dict with ``config``,
+    ``dir`` and ``teacher_dir``), then save this rank's weights and method state to
+    ``<dir>/rank_<r>.pt`` so a test can check that the ranks agree.
+
+    The runs share one worker group and one process group, so a test of every registered method pays
+    for one worker start. Each run starts fresh: its progress goes to Ray Train, its checkpoints stay
+    in its own folder (Ray Train V2 hands the latest reported checkpoint to the next ``get_checkpoint``,
+    which would make the next run resume from another method's state).
+    """
     from raykd.train.loop import train_loop
     from raykd.train.trainer import RayTrainSession
 
-    cfg = parse_run_config(config["config"])
-    out = Path(config["probe_dir"])
+    class FreshSession(RayTrainSession):
+        def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+            super().report(metrics, None)
 
-    def dump(ctx, method) -> None:
-        state = {"model": flat_state(ctx.raw_model), "method": method.state_dict()}
-        torch.save(state, out / f"rank_{ctx.rank}.pt")
-        (out / f"rank_{ctx.rank}.json").write_text(json.dumps({"world_size": ctx.world_size}))
+        def latest_checkpoint(self) -> Path | None:
+            return None
 
-    train_loop(cfg, RayTrainSession(), config["run_dir"], on_end=dump, teacher_dir=config.get("teacher_dir"))
+    for run in config["runs"]:
+        cfg = parse_run_config(run["config"])
+        out = Path(run["dir"])
+
+        def dump(ctx, method, out=out) -> None:
+            state = {"model": flat_state(ctx.raw_model), "method": method.state_dict()}
+            torch.save(state, out / f"rank_{ctx.rank}.pt")
+            (out / f"rank_{ctx.rank}.json").write_text(json.dumps({"world_size": ctx.world_size}))
+
+        train_loop(cfg, FreshSession(), out, on_end=dump, teacher_dir=run.get("teacher_dir"))

@@ -4,6 +4,7 @@ Train (gloo) whose ranks must end with identical weights and method state."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -37,32 +38,48 @@ def test_one_tiny_train_step_in_process(method, tmp_path):
     assert session.latest_checkpoint() is not None
 
 
-@pytest.mark.ray
-@pytest.mark.parametrize("method", METHODS.names())
-def test_two_ddp_ranks_keep_identical_weights(method, tmp_path, ray_local):
+@pytest.fixture(scope="module")
+def ddp_probe(tmp_path_factory, ray_local):
+    """Every registered method, 3 steps each, under 2 DDP ranks (gloo) in one Ray Train run: one
+    worker-group start for all methods. Returns (root folder, the run's error or None)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raykd.testing import ddp_probe_worker
 
-    cfg = tiny_run_config(method, train={"steps": 3, "eval_every": 3}, scaling={"num_workers": 2})
-    teacher = tiny_teacher(cfg, tmp_path)
-    TorchTrainer(
+    root = tmp_path_factory.mktemp("ddp_probe")
+    runs = []
+    for method in METHODS.names():
+        cfg = tiny_run_config(method, train={"steps": 3, "eval_every": 3}, scaling={"num_workers": 2})
+        (root / method).mkdir()
+        teacher = tiny_teacher(cfg, root / "teachers")  # trained in-process once, shared by its users
+        runs.append({"config": cfg.model_dump(mode="json"), "dir": str(root / method),
+                     "teacher_dir": str(teacher) if teacher else None})  # fmt: skip
+    trainer = TorchTrainer(
         ddp_probe_worker,
-        train_loop_config={
-            "config": cfg.model_dump(mode="json"),
-            "run_dir": str(tmp_path),
-            "probe_dir": str(tmp_path),
-            "teacher_dir": str(teacher) if teacher else None,
-        },  # fmt: skip
+        train_loop_config={"runs": runs},
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(
-            name="probe", storage_path=str(tmp_path), failure_config=ray.train.FailureConfig(controller_failure_limit=0)
+            name="probe", storage_path=str(root), failure_config=ray.train.FailureConfig(controller_failure_limit=0)
         ),
-    ).fit()
-    r0 = torch.load(tmp_path / "rank_0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank_1.pt", weights_only=True)
+    )
+    try:
+        trainer.fit()
+    except Exception as err:  # noqa: BLE001 - each method's test reports it (the methods before it passed)
+        return root, err
+    return root, None
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("method", METHODS.names())
+def test_two_ddp_ranks_keep_identical_weights(method, ddp_probe):
+    root, error = ddp_probe
+    if not (root / method / "rank_1.pt").exists():
+        pytest.fail(f"the 2-rank run did not finish {method}: {error}")
+    assert json.loads((root / method / "rank_0.json").read_text())["world_size"] == 2
+    r0 = torch.load(root / method / "rank_0.pt", weights_only=True)
+    r1 = torch.load(root / method / "rank_1.pt", weights_only=True)
     assert torch.equal(r0["model"], r1["model"])
     assert r0["method"].keys() == r1["method"].keys()
     for key in r0["method"]:
