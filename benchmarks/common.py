@@ -101,13 +101,23 @@ def record(rows: dict[str, dict[str, list[float]]], label: str, result: dict[str
             rows.setdefault(label, {}).setdefault(k, []).append(float(result[k]))
 
 
+VERDICT = "**Verdict"
+
+
 def write_section(section: str, text: str) -> None:
-    """Replace (or append) the ``section`` heading's block of docs/results.md with ``text``."""
+    """Replace (or append) the ``section`` heading's block of docs/results.md with ``text``.
+
+    A hand-written verdict in the old block (from a line starting ``**Verdict`` to the next heading)
+    is kept after the new text, and a line says to re-read it against the new figures."""
     old = RESULTS.read_text() if RESULTS.exists() else "# Accuracy results\n"
     head, found, rest = old.partition(section)
-    tail = rest[rest.find("\n## ") + 1 :] if found and "\n## " in rest else ""
-    RESULTS.write_text(head.rstrip() + "\n\n" + text.rstrip() + "\n" + ("\n" + tail if tail else ""))
+    block, tail = (rest.split("\n## ", 1) + [""])[:2] if found else ("", "")
+    verdict = block[block.find("\n" + VERDICT) + 1 :].strip() if "\n" + VERDICT in block else ""
+    body = text.rstrip() + ("\n\n" + verdict if verdict and VERDICT not in text else "")
+    RESULTS.write_text(head.rstrip() + "\n\n" + body + "\n" + ("\n## " + tail if tail else ""))
     print(f"written to {RESULTS}")
+    if verdict and VERDICT not in text:
+        print(f"kept the hand-written verdict of '{section}': re-read it against the new figures")
 
 
 def publish(section: str, description: str, rows: dict[str, dict[str, list[float]]],
