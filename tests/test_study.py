@@ -18,6 +18,7 @@ import yaml
 
 from raykd.cli import main
 from raykd.config import StudyConfig, parse_config, parse_run_config
+from raykd.errors import ConfigError
 from raykd.testing import tiny_run_config
 from raykd.train.context import LocalSession
 from raykd.train.loop import train_loop
@@ -69,6 +70,12 @@ def run_cli(args: list[str], timeout: float = 600, **kw) -> subprocess.Completed
         ({"search": {"method.hard_label": {"choice": [True]}}}, "search.method.hard_label"),
         ({"search": {"train.steps": "default"}}, "search.train.steps"),
         ({"search": {"method.name": {"choice": ["fixmatch", "supervised"]}}}, "search.method.name"),
+        (
+            {"search": {"data.open_set.unseen_fraction": {"uniform": [0.1, 0.5]}}},
+            "search.data.open_set.unseen_fraction",
+        ),  # open_set is not set in the base config
+        ({"search": {"data.seed.x": {"int": [0, 3]}}}, "search.data.seed.x"),
+        ({"search": {"method.threshold.x": {"uniform": [0.7, 0.9]}}}, "search.method.threshold.x"),
         ({"tune": {"metric": "val_accuracy"}}, "tune.metric"),
         ({"tune": {"metric": "accuracy", "mode": "max"}}, "tune.metric"),
         ({"tune": {"schedular": "asha"}}, "tune.schedular"),
@@ -100,6 +107,20 @@ def test_default_ranges_come_from_the_declarations():
     assert space["train.lr"].args == (0.005, 0.1)
     assert short_names(["method.threshold", "train.lr"]) == {"method.threshold": "threshold", "train.lr": "lr"}
     assert short_names(["model.width", "train.width"]) == {"model.width": "model.width", "train.width": "train.width"}
+
+
+def test_nested_keys_of_a_set_section_are_searchable():
+    """``data.open_set.unseen_fraction`` (a field below a section) resolves, and every bound is validated."""
+    raw = study_raw(search={"data.open_set.unseen_fraction": {"uniform": [0.2, 0.8]}})
+    raw["base"]["data"]["open_set"] = {"unseen_classes": [8, 9]}
+    space = resolve_search(parse_config(raw, StudyConfig))
+    assert space["data.open_set.unseen_fraction"].args == (0.2, 0.8)
+    raw["search"] = {"data.open_set.unseen_fraction": {"uniform": [0.2, 1.5]}}
+    with pytest.raises(ConfigError, match="search.data.open_set.unseen_fraction"):
+        resolve_search(parse_config(raw, StudyConfig))
+    raw["search"] = {"data.open_set.unseen_fractoin": {"uniform": [0.2, 0.8]}}
+    with pytest.raises(ConfigError, match="has no field 'unseen_fractoin'"):
+        resolve_search(parse_config(raw, StudyConfig))
 
 
 def test_ablation_validation(tmp_path, capsys):

@@ -17,6 +17,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel
+
 from raykd.config import (
     DISTRIBUTIONS,
     RunConfig,
@@ -56,13 +58,17 @@ def declared_range(base: RunConfig, key: str) -> dict[str, Any] | None:
 
 
 def check_key(base: RunConfig, key: str, field: str) -> None:
-    """``key`` must name a knob of ``base`` (``section.knob``); errors are reported on ``field``."""
+    """``key`` must name a knob of ``base``: ``section.knob``, or a deeper field of a nested section
+    the base config sets (``data.open_set.unseen_fraction``); errors are reported on ``field``."""
     parts = key.split(".")
-    if parts[0] not in SECTIONS or len(parts) != 2:
+    if parts[0] not in SECTIONS or len(parts) < 2:
         raise ConfigError(field, f"not a run-config knob; use section.knob with a section in {', '.join(SECTIONS)}")
     if key in NOT_SEARCHABLE:
         raise ConfigError(field, NOT_SEARCHABLE[key])
     section = getattr(base, parts[0])
+    if len(parts) > 2:
+        _check_nested(section, parts, field)
+        return
     if parts[0] == "model":  # model arguments come from the builder's signature
         allowed = ["bn_momentum", *inspect.signature(MODELS.get(base.model.name)).parameters]
         allowed = [a for a in allowed if a not in ("num_classes", "in_channels", "image_size", "kwargs")]
@@ -71,6 +77,20 @@ def check_key(base: RunConfig, key: str, field: str) -> None:
     if parts[1] not in allowed:
         raise ConfigError(field, f"{base.method.name if parts[0] == 'method' else parts[0]} has no knob "
                           f"{parts[1]!r}; knobs: {', '.join(allowed)}")  # fmt: skip
+
+
+def _check_nested(node: Any, parts: list[str], field: str) -> None:
+    """Walk ``parts[1:]`` through the nested config models under the section ``node``."""
+    for i, part in enumerate(parts[1:], start=1):
+        here = ".".join(parts[:i])
+        if node is None:
+            raise ConfigError(field, f"{here} is not set in the base config; set it there to search {'.'.join(parts)}")
+        if not isinstance(node, BaseModel):
+            raise ConfigError(field, f"{here} is a value, not a section")
+        fields = type(node).model_fields
+        if part not in fields:
+            raise ConfigError(field, f"{here} has no field {part!r}; fields: {', '.join(fields)}")
+        node = getattr(node, part)
 
 
 def _parse_dist(key: str, spec: Any, base: RunConfig) -> Dist:
