@@ -291,6 +291,20 @@ class TeacherConfig(Strict):
         return self
 
 
+def class_mismatch(student: DataConfig, teacher: DataConfig) -> tuple[str, str] | None:
+    """Why a teacher trained on ``teacher`` data cannot teach a student on ``student`` data (they must
+    share one set of classes: the same dataset and the same unseen classes), as (data field, message);
+    None when they match."""
+    if teacher.name != student.name:
+        return "name", f"the teacher was trained on {teacher.name!r}; it must be trained on {student.name!r} too"
+    unseen = student.open_set.unseen_classes if student.open_set else []
+    t_unseen = teacher.open_set.unseen_classes if teacher.open_set else []
+    if t_unseen != unseen:
+        why = f"the teacher's unseen classes are {t_unseen}; they must be {unseen} as for the student"
+        return "open_set.unseen_classes", why + " (teacher and student share one set of classes)"
+    return None
+
+
 class RunConfig(Strict):
     """The complete description of one training run."""
 
@@ -329,15 +343,10 @@ class RunConfig(Strict):
                               "folder) or teacher.run (a run config that trains it)")  # fmt: skip
         if not needs and self.teacher is not None:
             raise ConfigError("teacher", f"{self.method.name} uses no teacher; remove the teacher section")
-        if self.teacher is not None and self.teacher.run is not None and self.teacher.run.data.name != self.data.name:
-            raise ConfigError("teacher.run.data.name", f"the teacher must be trained on {self.data.name!r} too "
-                              "(the student's dataset)")  # fmt: skip
         if self.teacher is not None and self.teacher.run is not None:
-            unseen = self.data.open_set.unseen_classes if self.data.open_set else []
-            t_open = self.teacher.run.data.open_set
-            if (t_open.unseen_classes if t_open else []) != unseen:
-                raise ConfigError("teacher.run.data.open_set.unseen_classes", f"must be {unseen} as for the student "
-                                  "(teacher and student share one set of classes)")  # fmt: skip
+            mismatch = class_mismatch(self.data, self.teacher.run.data)
+            if mismatch:
+                raise ConfigError(f"teacher.run.data.{mismatch[0]}", mismatch[1])
         return self
 
     @model_validator(mode="after")

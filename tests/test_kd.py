@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from raykd.config import parse_run_config
 from raykd.errors import ConfigError
@@ -112,3 +113,21 @@ def test_teacher_config_rules():
     with pytest.raises(ConfigError) as info:
         ensure_teacher(parse_run_config({**base, "teacher": {"checkpoint": "/nonexistent/run"}}), None, None)
     assert info.value.field == "teacher.checkpoint"
+
+
+def test_a_checkpoint_teacher_on_other_classes_is_refused_before_training(tmp_path):
+    """A ``teacher.checkpoint`` whose run held out other classes (another class count) gets one line
+    naming ``teacher.checkpoint``, from the driver, before any student is built."""
+    base = tiny_run_config("kd").model_dump(mode="json", exclude={"provenance"})
+    teacher_run = {
+        **base["teacher"]["run"],
+        "data": {**base["teacher"]["run"]["data"], "open_set": {"unseen_classes": [9]}},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(teacher_run))
+    student = parse_run_config({**base, "teacher": {"checkpoint": str(tmp_path)}})
+    with pytest.raises(ConfigError) as info:
+        ensure_teacher(student, None, None)
+    assert info.value.field == "teacher.checkpoint"
+    assert "unseen classes are [9]" in info.value.message
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(base["teacher"]["run"]))  # the same classes: accepted
+    assert ensure_teacher(student, None, None) == tmp_path.resolve()

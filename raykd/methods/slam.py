@@ -42,13 +42,11 @@ labels are not (they are re-loaded from the cache on a restart like the rest of 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from raykd.config import DataConfig, MethodConfig, RunConfig, knob
 from raykd.errors import ConfigError
@@ -285,11 +283,9 @@ class SLaM(Method):
                 self._alpha_min(), self.ctx.run.data.model_dump(mode="json")]  # fmt: skip
 
     def _check_teacher_split(self) -> None:
-        from raykd.config import parse_run_config
-        from raykd.train.teacher import _find_run_folder
+        from raykd.train.teacher import teacher_config
 
-        run_dir = _find_run_folder(Path(self.ctx.teacher_dir).resolve())
-        tdata = parse_run_config(yaml.safe_load((run_dir / "config.yaml").read_text())).data
+        tdata = teacher_config(self.ctx.teacher_dir).data
         why = holds_out(self.ctx.run.data, tdata)
         if why:
             raise ConfigError("teacher.checkpoint" if self.ctx.run.teacher.checkpoint else "teacher.run.data", why)

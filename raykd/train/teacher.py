@@ -22,7 +22,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from raykd.config import RunConfig, dump_run_config, parse_run_config
+from raykd.config import RunConfig, class_mismatch, dump_run_config, parse_run_config
 from raykd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -46,6 +46,12 @@ def _find_run_folder(path: Path) -> Path:
                       "point it at the folder `raykd train` wrote")  # fmt: skip
 
 
+def teacher_config(path: str | Path) -> RunConfig:
+    """The run config of the raykd run folder that holds ``path`` (a run folder or a file in one)."""
+    run_dir = _find_run_folder(Path(path).resolve())
+    return parse_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+
+
 def ensure_teacher(cfg: RunConfig, cache_root: Path, train: Callable[[RunConfig, Path], object]) -> Path | None:
     """The teacher's run folder, training it first with ``train(teacher_cfg, folder)`` if needed.
 
@@ -57,7 +63,9 @@ def ensure_teacher(cfg: RunConfig, cache_root: Path, train: Callable[[RunConfig,
         path = Path(cfg.teacher.checkpoint)
         if not path.exists():
             raise ConfigError("teacher.checkpoint", f"{path} does not exist; give a raykd run folder")
-        _find_run_folder(path.resolve())
+        mismatch = class_mismatch(cfg.data, teacher_config(path).data)
+        if mismatch:
+            raise ConfigError("teacher.checkpoint", f"data.{mismatch[0]}: {mismatch[1]}")
         return path.resolve()
     folder = (cache_root / TEACHERS_DIR / f"teacher-{teacher_hash(cfg.teacher.run)}").resolve()
     folder.mkdir(parents=True, exist_ok=True)
@@ -112,8 +120,7 @@ def load_teacher(path: str | Path, device: torch.device) -> nn.Module:
     from raykd.models import build_model
 
     path = Path(path)
-    run_dir = _find_run_folder(path.resolve())
-    tcfg = parse_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    tcfg = teacher_config(path)
     data = data_of(tcfg)
     c, h, _ = data.image_shape
     model = build_model(tcfg.model.name, num_classes=data.num_classes, in_channels=c, image_size=h,
