@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# decoded image folders go to a throwaway cache, not the user's ~/.cache/raykd
+os.environ.setdefault("RAYKD_CACHE", os.path.join(tempfile.gettempdir(), f"raykd-test-cache-{os.getuid()}"))
 
 
 @pytest.fixture(scope="session")

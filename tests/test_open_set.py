@@ -153,6 +153,33 @@ def test_imagefolder_reader_on_a_written_fixture(tmp_path):
     assert rgb.images[0, :, 0, 0].tolist() == [255, 0, 0] and rgb.images[2, :, 0, 0].tolist() == [50, 50, 50]
 
 
+def test_imagefolder_is_decoded_once_then_read_from_the_disk_cache(tmp_path, monkeypatch):
+    """The first load writes the decoded array to $RAYKD_CACHE; a new process (the in-process cache
+    cleared) loads it without decoding; changing an image changes the key and decodes again."""
+    from raykd.data import imagefolder
+
+    monkeypatch.setenv("RAYKD_CACHE", str(tmp_path / "cache"))
+    write_folder(tmp_path / "pool")
+    first = load_imagefolder(tmp_path / "pool", channels=3, size=6)
+    cached = sorted((tmp_path / "cache" / "imagefolder").glob("*.npy"))
+    assert [p.name.split("-")[:2] for p in cached] == [["pool", "3x6"]]
+    decoded = []
+    real_decode = imagefolder._decode
+    monkeypatch.setattr(imagefolder, "_decode", lambda *a: decoded.append(a) or real_decode(*a))
+    imagefolder._load.cache_clear()  # as in another worker process
+    again = load_imagefolder(tmp_path / "pool", channels=3, size=6)
+    assert decoded == [] and torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
+    _png(tmp_path / "pool" / "dog" / "images" / "c.png", np.full((4, 4), 90, np.uint8))
+    imagefolder._load.cache_clear()
+    changed = load_imagefolder(tmp_path / "pool", channels=3, size=6)
+    assert len(decoded) == 1 and changed.images[2, :, 0, 0].tolist() == [90, 90, 90]
+    assert len(list((tmp_path / "cache" / "imagefolder").glob("*.npy"))) == 2
+    monkeypatch.setenv("RAYKD_CACHE", "off")
+    imagefolder._load.cache_clear()
+    load_imagefolder(tmp_path / "pool", channels=3, size=6)
+    assert len(decoded) == 2 and len(list((tmp_path / "cache" / "imagefolder").glob("*.npy"))) == 2
+
+
 def test_imagefolder_errors_name_the_field(tmp_path):
     field = "data.open_set.extra_unlabeled.root"
     with pytest.raises(ConfigError) as info:

@@ -10,8 +10,13 @@ sample's position is stable for a given folder.
 Images are decoded with Pillow (installed with torchvision), converted to grey ("L") or RGB to match
 the labeled dataset's channels, scaled so that the shorter side equals the target size and
 center-cropped to a square (Pillow's ``ImageOps.fit`` with bilinear, antialiased resampling), and
-returned as one uint8 tensor ``[N, C, size, size]``.  Decoding runs on a few threads; the result is
-cached per (root, channels, size) in the process (about 100,000 images of 64 px take a minute or two).
+returned as one uint8 tensor ``[N, C, size, size]``.  Decoding runs on a few threads (about 100,000
+images of 64 px take a minute or two), so the result is cached twice: in the process per (root,
+channels, size), and on disk as one ``.npy`` per (root, channels, size, every file's path, size and
+mtime) under ``$RAYKD_CACHE`` (default ``~/.cache/raykd``), ``imagefolder/``.  The first process on a
+node decodes under a file lock and writes the array; the DDP workers and trials after it load the
+array in a second.  Changing, adding or removing an image changes the key, so a stale array is never
+read; delete the folder to reclaim the space.  Set ``RAYKD_CACHE=off`` to decode every time.
 
 :func:`fit_images` does the same channel conversion, center crop and resize for uint8 tensors (used
 when another registered dataset serves as the unlabeled pool).
@@ -19,7 +24,10 @@ when another registered dataset serves as the unlabeled pool).
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -84,13 +92,46 @@ def load_imagefolder(root: str | os.PathLike, channels: int, size: int, field: s
     return _load(Path(root).expanduser().resolve(), channels, size, field)
 
 
+def cache_folder() -> Path | None:
+    """Where decoded image folders are kept (``$RAYKD_CACHE``, default ``~/.cache/raykd``), or None
+    when ``RAYKD_CACHE=off``."""
+    value = os.environ.get("RAYKD_CACHE", "")
+    if value.lower() == "off":
+        return None
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "raykd"
+
+
 @functools.lru_cache(maxsize=2)
 def _load(root: Path, channels: int, size: int, field: str) -> ArrayDataset:
+    files, labels, _ = list_images(root, field)
+    folder = cache_folder()
+    if folder is None:
+        return ArrayDataset(_decode(files, channels, size, field), labels)
+    stats = [(str(f.relative_to(root)), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]]
+    key = json.dumps([str(root), channels, size, stats])
+    path = folder / "imagefolder" / f"{root.name}-{channels}x{size}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one decoder per node; the others wait, then load
+            if not path.exists():
+                images = _decode(files, channels, size, field)
+                tmp = path.with_suffix(".tmp.npy")
+                np.save(tmp, images.numpy())
+                tmp.replace(path)
+                return ArrayDataset(images, labels)
+    except OSError as e:  # a read-only or full cache folder: decode without it
+        print(f"raykd: not caching {root} in {folder} ({e}); decoding it in every process", flush=True)
+        return ArrayDataset(_decode(files, channels, size, field), labels)
+    return ArrayDataset(torch.from_numpy(np.load(path)), labels)
+
+
+def _decode(files: list[Path], channels: int, size: int, field: str) -> torch.Tensor:
+    """Decode ``files`` with Pillow as uint8 ``[N, channels, size, size]`` on a few threads."""
     try:
         from PIL import Image, ImageOps
     except ImportError:  # pragma: no cover - Pillow comes with torchvision
         raise ConfigError(field, "imagefolder needs Pillow: pip install pillow") from None
-    files, labels, _ = list_images(root, field)
     mode = "L" if channels == 1 else "RGB"
 
     def read(path: Path) -> np.ndarray:
@@ -105,8 +146,7 @@ def _load(root: Path, channels: int, size: int, field: str) -> ArrayDataset:
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for i, array in enumerate(pool.map(read, files, chunksize=64)):
             out[i] = array
-    images = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
-    return ArrayDataset(images, labels)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
 def fit_images(images: torch.Tensor, channels: int, size: int, chunk: int = 4096) -> torch.Tensor:
