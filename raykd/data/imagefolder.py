@@ -10,13 +10,15 @@ sample's position is stable for a given folder.
 Images are decoded with Pillow (installed with torchvision), converted to grey ("L") or RGB to match
 the labeled dataset's channels, scaled so that the shorter side equals the target size and
 center-cropped to a square (Pillow's ``ImageOps.fit`` with bilinear, antialiased resampling), and
-returned as one uint8 tensor ``[N, C, size, size]``.  Decoding runs on a few threads (about 100,000
-images of 64 px take a minute or two), so the result is cached twice: in the process per (root,
+returned as one uint8 tensor ``[N, C, size, size]``.  Decoding runs on a few threads (100,000 JPEGs
+of 64 px take about 20 s on 2 cores), so the result is cached twice: in the process per (root,
 channels, size), and on disk as one ``.npy`` per (root, channels, size, every file's path, size and
 mtime) under ``$RAYKD_CACHE`` (default ``~/.cache/raykd``), ``imagefolder/``.  The first process on a
-node decodes under a file lock and writes the array; the DDP workers and trials after it load the
-array in a second.  Changing, adding or removing an image changes the key, so a stale array is never
-read; delete the folder to reclaim the space.  Set ``RAYKD_CACHE=off`` to decode every time.
+node decodes under a file lock and writes the array; the DDP workers and trials after it map the
+array (copy-on-write), so they share one copy in the page cache and start in about two seconds
+(listing the files to check the key; ``benchmarks/imagefolder_cache.py``).  Changing, adding or
+removing an image changes the key, so a stale array is never read; delete the folder to reclaim the
+space.  Set ``RAYKD_CACHE=off`` to decode every time.
 
 :func:`fit_images` does the same channel conversion, center crop and resize for uint8 tensors (used
 when another registered dataset serves as the unlabeled pool).
@@ -123,7 +125,8 @@ def _load(root: Path, channels: int, size: int, field: str) -> ArrayDataset:
     except OSError as e:  # a read-only or full cache folder: decode without it
         print(f"raykd: not caching {root} in {folder} ({e}); decoding it in every process", flush=True)
         return ArrayDataset(_decode(files, channels, size, field), labels)
-    return ArrayDataset(torch.from_numpy(np.load(path)), labels)
+    # memory-mapped copy-on-write: the workers of a node share the page cache instead of a copy each
+    return ArrayDataset(torch.from_numpy(np.load(path, mmap_mode="c")), labels)
 
 
 def _decode(files: list[Path], channels: int, size: int, field: str) -> torch.Tensor:
