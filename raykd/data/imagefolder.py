@@ -15,8 +15,9 @@ of 64 px take about 20 s on 2 cores), so the result is cached twice: in the proc
 channels, size), and on disk as one ``.npy`` per (root, channels, size, every file's path, size and
 mtime) under ``$RAYKD_CACHE`` (default ``~/.cache/raykd``), ``imagefolder/``.  The first process on a
 node decodes under a file lock and writes the array; the DDP workers and trials after it map the
-array (copy-on-write), so they share one copy in the page cache and start in about two seconds
-(listing the files to check the key; ``benchmarks/imagefolder_cache.py``).  Changing, adding or
+array (copy-on-write) and have it in about two seconds, most of which is listing the files to check
+the key (``benchmarks/imagefolder_cache.py``).  Building the unlabeled pool still copies the images
+it keeps into each worker's memory.  Changing, adding or
 removing an image changes the key, so a stale array is never read; delete the folder to reclaim the
 space.  Set ``RAYKD_CACHE=off`` to decode every time.
 
@@ -125,7 +126,7 @@ def _load(root: Path, channels: int, size: int, field: str) -> ArrayDataset:
     except OSError as e:  # a read-only or full cache folder: decode without it
         print(f"raykd: not caching {root} in {folder} ({e}); decoding it in every process", flush=True)
         return ArrayDataset(_decode(files, channels, size, field), labels)
-    # memory-mapped copy-on-write: the workers of a node share the page cache instead of a copy each
+    # memory-mapped copy-on-write: nothing is read until the pool is built from it
     return ArrayDataset(torch.from_numpy(np.load(path, mmap_mode="c")), labels)
 
 
