@@ -17,9 +17,9 @@ mtime) under ``$RAYKD_CACHE`` (default ``~/.cache/raykd``), ``imagefolder/``.  T
 node decodes under a file lock and writes the array; the DDP workers and trials after it map the
 array (copy-on-write) and have it in about two seconds, most of which is listing the files to check
 the key (``benchmarks/imagefolder_cache.py``).  Building the unlabeled pool still copies the images
-it keeps into each worker's memory.  Changing, adding or
-removing an image changes the key, so a stale array is never read; delete the folder to reclaim the
-space.  Set ``RAYKD_CACHE=off`` to decode every time.
+it keeps into each worker's memory.  Changing, adding or removing an image changes the key, so a
+stale array is never read; delete the folder to reclaim the space.  Set ``RAYKD_CACHE=off`` to
+decode every time.
 
 :func:`fit_images` does the same channel conversion, center crop and resize for uint8 tensors (used
 when another registered dataset serves as the unlabeled pool).
