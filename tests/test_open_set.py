@@ -5,6 +5,7 @@ follows; an ImageFolder (or another dataset) joins the pool; the pool's open-set
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,6 +179,26 @@ def test_imagefolder_is_decoded_once_then_read_from_the_disk_cache(tmp_path, mon
     imagefolder._load.cache_clear()
     load_imagefolder(tmp_path / "pool", channels=3, size=6)
     assert len(decoded) == 2 and len(list((tmp_path / "cache" / "imagefolder").glob("*.npy"))) == 2
+
+
+def test_imagefolder_cache_write_failure_decodes_once_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    from raykd.data import imagefolder
+
+    monkeypatch.setenv("RAYKD_CACHE", str(tmp_path / "cache"))
+    write_folder(tmp_path / "pool")
+    decoded = []
+    real_decode = imagefolder._decode
+    monkeypatch.setattr(imagefolder, "_decode", lambda *a: decoded.append(a) or real_decode(*a))
+
+    def full_disk(path, array):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(imagefolder.np, "save", full_disk)
+    imagefolder._load.cache_clear()
+    pool = load_imagefolder(tmp_path / "pool", channels=1, size=8)
+    assert len(decoded) == 1 and pool.images.shape == (3, 1, 8, 8)
+    assert list((tmp_path / "cache" / "imagefolder").glob("*.npy")) == []
 
 
 def test_imagefolder_errors_name_the_field(tmp_path):

@@ -113,6 +113,7 @@ def _load(root: Path, channels: int, size: int, field: str) -> ArrayDataset:
     stats = [(str(f.relative_to(root)), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]]
     key = json.dumps([str(root), channels, size, stats])
     path = folder / "imagefolder" / f"{root.name}-{channels}x{size}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+    images = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_suffix(".lock"), "w") as lock:
@@ -120,14 +121,18 @@ def _load(root: Path, channels: int, size: int, field: str) -> ArrayDataset:
             if not path.exists():
                 images = _decode(files, channels, size, field)
                 tmp = path.with_suffix(".tmp.npy")
-                np.save(tmp, images.numpy())
-                tmp.replace(path)
-                return ArrayDataset(images, labels)
-    except OSError as e:  # a read-only or full cache folder: decode without it
+                try:
+                    np.save(tmp, images.numpy())
+                    tmp.replace(path)
+                finally:
+                    tmp.unlink(missing_ok=True)  # a partial write (full disk) is not left behind
+    except OSError as e:  # a read-only or full cache folder: decode without it (once: a decoded array is kept)
         print(f"raykd: not caching {root} in {folder} ({e}); decoding it in every process", flush=True)
-        return ArrayDataset(_decode(files, channels, size, field), labels)
-    # memory-mapped copy-on-write: nothing is read until the pool is built from it
-    return ArrayDataset(torch.from_numpy(np.load(path, mmap_mode="c")), labels)
+        if images is None:
+            images = _decode(files, channels, size, field)
+    if images is None:  # memory-mapped copy-on-write: nothing is read until the pool is built from it
+        images = torch.from_numpy(np.load(path, mmap_mode="c"))
+    return ArrayDataset(images, labels)
 
 
 def _decode(files: list[Path], channels: int, size: int, field: str) -> torch.Tensor:
