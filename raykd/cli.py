@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from raykd.config import AblationConfig, parse_config, read_yaml
+from raykd.config import parse_config, read_yaml
 from raykd.errors import ConfigError, raykd_command
 
 
@@ -27,16 +27,6 @@ class _Parser(argparse.ArgumentParser):
 # raykd train
 
 
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            diff = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-            if diff:
-                return diff
-        return None
-    return None if a == b else f"{prefix[:-1]}: {a!r} -> {b!r}"
-
-
 def resolve_run_dir(config_path: str, out: str | None, resolved: dict[str, Any]) -> tuple[Path, bool]:
     """Pick the run folder; returns ``(run_dir, resuming)``.
 
@@ -44,17 +34,10 @@ def resolve_run_dir(config_path: str, out: str | None, resolved: dict[str, Any])
     Without ``--out`` the folder is ``runs/<config stem>``, resumed when unfinished with the same
     config, else the first free ``runs/<stem>-N``.
     """
-    import yaml
+    from raykd.train.runfolder import RunFolder
 
     def state(d: Path) -> tuple[str, str | None]:
-        if not d.exists() or not any(d.iterdir()):
-            return "new", None
-        if (d / "result.json").exists():
-            return "finished", None
-        old_path = d / "config.yaml"
-        old = yaml.safe_load(old_path.read_text()) if old_path.exists() else None
-        diff = _first_difference(old, resolved) if old is not None else "no config.yaml"
-        return ("resume", None) if diff is None else ("different", diff)
+        return RunFolder(d).status(resolved)
 
     if out is not None:
         d = Path(out)
@@ -95,8 +78,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     data_of(cfg)  # pre-flight: the data is on disk (ConfigError on data.root otherwise)
     text = dump_run_config(cfg)
     run_dir, resuming = resolve_run_dir(args.config, args.out, yaml.safe_load(text))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(text)
+    from raykd.train.runfolder import RunFolder
+
+    RunFolder(run_dir).write_config(cfg)
 
     from raykd.train.teacher import prepare_teacher
     from raykd.train.trainer import run_training
@@ -137,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from raykd.config import search_range
-    from raykd.methods import METHODS
+    from raykd.registry import METHODS
 
     for name in METHODS.names():
         method = METHODS.get(name)
@@ -170,7 +154,7 @@ def _folder(path: str) -> Path:
 
 
 def _study_folder(path: str) -> Path:
-    from raykd.tune.study import STUDY_FILE
+    from raykd.tune.records import STUDY_FILE
 
     d = _folder(path)
     if not (d / STUDY_FILE).exists():
@@ -215,6 +199,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from raykd.tune import ablation, study
+    from raykd.tune.config import AblationConfig
 
     d = _folder(args.dir)
     if (d / ablation.ABLATION_FILE).exists():

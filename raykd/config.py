@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from raykd.errors import ConfigError
+from raykd.registry import DATASETS, METHODS, MODELS
 
 # --------------------------------------------------------------------------------------------
 # knobs and search ranges
@@ -72,9 +73,39 @@ class Strict(BaseModel):
 
 
 class MethodConfig(Strict):
-    """Base class of each method's knobs; a method subclasses it and adds :func:`knob` fields."""
+    """Base class of each method's knobs, and the home of the method's **static facts**.
+
+    A method subclasses it (as ``Method.Config``) and adds :func:`knob` fields.  The class attributes
+    and classmethods below describe the method without building it, so configs, studies and the
+    teacher cache read them without importing the training layer.
+    """
 
     name: str
+    #: the run config must name a teacher (``teacher.checkpoint`` or ``teacher.run``)
+    needs_teacher: ClassVar[bool] = False
+    #: batches carry ``train.uratio`` × B unlabeled images
+    uses_unlabeled: ClassVar[bool] = True
+
+    @classmethod
+    def logs(cls, run: RunConfig) -> tuple[str, ...]:
+        """The names ``train_step`` logs in ``run`` (reported as metrics; a study may optimise them)."""
+        return ()
+
+    @classmethod
+    def eval_heads(cls, run: RunConfig) -> tuple[str, ...]:
+        """Names of the extra logits ``predict`` returns besides the main ones (TSKD's exits and votes)."""
+        return ()
+
+    @classmethod
+    def eval_metrics(cls, run: RunConfig) -> tuple[str, ...]:
+        """The metric names the loop reports for :meth:`eval_heads` (``test_<head>_acc``, ``val_<head>_acc``)."""
+        splits = ("test", "val") if run.data.val_per_class > 0 else ("test",)
+        return tuple(f"{split}_{head}_acc" for split in splits for head in cls.eval_heads(run))
+
+    @classmethod
+    def check_run(cls, run: RunConfig) -> None:
+        """Rules the method puts on the rest of a run config (e.g. a validation split it needs); raise
+        :class:`~raykd.errors.ConfigError` naming the field.  Called whenever a run config is parsed."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,8 +122,6 @@ class ExtraUnlabeledConfig(Strict):
     @field_validator("name")
     @classmethod
     def _known_source(cls, v: str) -> str:
-        from raykd.data import DATASETS
-
         if v != "imagefolder" and v not in DATASETS:
             raise ValueError(f"unknown source {v!r}; choose imagefolder or one of: {', '.join(DATASETS.names())}")
         return v
@@ -147,8 +176,6 @@ class DataConfig(Strict):
     @field_validator("name")
     @classmethod
     def _known_dataset(cls, v: str) -> str:
-        from raykd.data import DATASETS
-
         DATASETS.get(v)
         return v
 
@@ -175,8 +202,6 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_args(self) -> ModelConfig:
-        from raykd.models import MODELS
-
         builder = MODELS.get(self.name)
         extra = dict(self.model_extra or {})
         if not extra:
@@ -321,8 +346,6 @@ class RunConfig(Strict):
     @field_validator("method", mode="before")
     @classmethod
     def _method_knobs(cls, v: Any) -> Any:
-        from raykd.methods import METHODS
-
         if isinstance(v, MethodConfig):
             return v
         if not isinstance(v, dict) or "name" not in v:
@@ -335,9 +358,7 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _check_teacher(self) -> RunConfig:
-        from raykd.methods import METHODS
-
-        needs = METHODS.get(self.method.name).needs_teacher
+        needs = self.method.needs_teacher
         if needs and self.teacher is None:
             raise ConfigError("teacher", f"{self.method.name} needs a teacher: set teacher.checkpoint (a raykd run "
                               "folder) or teacher.run (a run config that trains it)")  # fmt: skip
@@ -351,9 +372,7 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _check_method_rules(self) -> RunConfig:
-        from raykd.methods import METHODS
-
-        METHODS.get(self.method.name).check_run(self)  # rules a method puts on the rest of the run
+        type(self.method).check_run(self)  # rules a method puts on the rest of the run
         return self
 
     @model_validator(mode="after")
@@ -492,65 +511,3 @@ def dump_run_config(cfg: RunConfig) -> str:
     """The resolved config (defaults merged) as YAML, re-loadable by :func:`load_run_config`."""
     exclude = {k for k in ("provenance", "teacher") if getattr(cfg, k) is None}
     return yaml.safe_dump(cfg.model_dump(mode="json", exclude=exclude), sort_keys=False)
-
-
-# --------------------------------------------------------------------------------------------
-# studies and ablations
-
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-
-
-class TuneSettings(Strict):
-    """How a study searches (the ``tune`` section)."""
-
-    num_samples: int = Field(8, ge=1, description="trials in the study")
-    metric: str = Field("val_acc", description="metric to optimise (val_acc needs base.data.val_per_class > 0)")
-    mode: Literal["max", "min"] = "max"
-    scheduler: Literal["asha", "none"] = Field("asha", description="early stopping over evaluation rounds")
-    grace_period: int = Field(1, ge=1, description="ASHA: evaluation rounds before a trial may be stopped")
-    reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep 1/reduction_factor at each rung")
-    max_concurrent: int | None = Field(None, ge=1, description="cap on concurrent trials (default: what fits)")
-    seed: int = Field(0, description="seed of the Optuna TPE sampler")
-    max_failures: int = Field(0, ge=0, description="restarts of a failed trial from its last checkpoint")
-    storage: str | None = Field(None, description="parent folder (or URI) of the study folder; default runs/")
-
-    @field_validator("storage")
-    @classmethod
-    def _storage(cls, v: str | None) -> str | None:
-        from raykd.tune.storage import check_storage
-
-        return check_storage(v, "tune.storage")
-
-
-class StudyConfig(Strict):
-    """A hyperparameter study: a base run config, the knobs to search and how to search them.
-
-    ``search`` maps dotted run-config keys to a distribution (``{uniform: [lo, hi]}``,
-    ``{loguniform: [lo, hi]}``, ``{int: [lo, hi]}``, ``{logint: [lo, hi]}``, ``{choice: [...]}``) or to
-    ``default`` (the range the method or train section declares for that knob).
-    """
-
-    name: str = Field(pattern=NAME_PATTERN)
-    base: RunConfig
-    search: dict[str, Any] = Field(min_length=1)
-    tune: TuneSettings = Field(default_factory=TuneSettings)
-
-
-class AblationConfig(Strict):
-    """A grid over one (or two) knobs × seeds; no searcher.  Each seed sets ``train.seed`` and
-    ``data.seed`` (the labeled split) together."""
-
-    name: str = Field(pattern=NAME_PATTERN)
-    base: RunConfig
-    grid: dict[str, list[Any]] = Field(min_length=1, max_length=2)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    metric: str = Field("test_acc", description="metric tabulated and plotted (final evaluation)")
-    max_concurrent: int | None = Field(None, ge=1)
-    storage: str | None = None
-
-    @field_validator("storage")
-    @classmethod
-    def _storage(cls, v: str | None) -> str | None:
-        from raykd.tune.storage import check_storage
-
-        return check_storage(v, "storage", uri_ok=False)

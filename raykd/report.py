@@ -29,8 +29,9 @@ test set; ``best_val_acc`` is that best validation accuracy.
 
 Cell and category order: numeric knob values are sorted numerically; other values (strings, bools)
 keep the order in which they first appear in the records (the grid's order).  The best study trial is
-the one with the best metric (per ``mode``) among all trials that report it, as Ray Tune's
-``scope="last"`` does; ties go to the earlier record.
+the first of :func:`ranked_indices` — the one ranking that ``study status``, ``study.md`` and
+``study export`` share: full-budget trials before early-stopped ones, failed trials and non-finite
+values never, ties to the earlier record.
 """
 
 from __future__ import annotations
@@ -347,18 +348,41 @@ def _step(record: dict) -> Any:
     return step
 
 
-def best_index(records: Sequence[dict], metric: str, mode: str) -> int | None:
-    """Index of the record with the best ``metric`` (``mode`` ``"max"`` or ``"min"``), ``None`` if none has it."""
+#: trial states that are never selected, whatever they reported
+UNSELECTABLE = ("error", "failed")
+
+
+def ranked_indices(records: Sequence[dict], metric: str, mode: str) -> list[int]:
+    """The one ranking of study trials that ``study status``, ``study.md``, the live table and
+    ``study export`` all use: indices of the selectable records, best first.
+
+    A record is selectable when its ``metric`` is a finite number and its state is not failed.
+    Trials that ran the full budget (state ``done``) rank before the others (stopped early by the
+    scheduler, running, interrupted), so the exported config reproduces its figure when re-run with
+    its own budget; within each group ``mode`` (``"max"`` / ``"min"``) orders by the metric, and ties
+    keep the records' order (the order in which the trials started).
+    """
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
-    best = None
+    sign = -1.0 if mode == "max" else 1.0
+    scored = []
     for i, r in enumerate(records):
         x = _number(_metrics(r).get(metric))
-        if x is None:
+        if x is None or not math.isfinite(x) or r.get("state") in UNSELECTABLE:
             continue
-        if best is None or (x > best[1] if mode == "max" else x < best[1]):
-            best = (i, x)
-    return None if best is None else best[0]
+        scored.append((r.get("state") != "done", sign * x, i))
+    return [i for *_, i in sorted(scored)]
+
+
+def rank_trials(records: Sequence[dict], metric: str, mode: str) -> list[dict]:
+    """The selectable records, best first (see :func:`ranked_indices`)."""
+    return [records[i] for i in ranked_indices(records, metric, mode)]
+
+
+def best_index(records: Sequence[dict], metric: str, mode: str) -> int | None:
+    """Index of the best record by :func:`ranked_indices`, ``None`` if no record is selectable."""
+    ranked = ranked_indices(records, metric, mode)
+    return ranked[0] if ranked else None
 
 
 def write_study_report(
@@ -386,7 +410,7 @@ def write_study_report(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    best = best_index(records, metric, mode)
+    best = best_index(records, metric, mode)  # the same trial `study status` stars and `study export` writes
     extras = _present(records, (m for m in EXTRA_STUDY_METRICS if m != metric))
     headers = ["trial_id", "state", *search_keys, "step", metric, *extras]
 
@@ -403,19 +427,14 @@ def write_study_report(
     raw = [row(r) for r in records]
     paths = {"csv": _write_csv(out / "study_trials.csv", headers, ([_csv_value(v) for v in r] for r in raw))}
 
-    sign = -1.0 if mode == "max" else 1.0
-
-    def sort_key(i: int) -> tuple:
-        x = _number(_metrics(records[i]).get(metric))
-        return (x is None, 0.0 if x is None else sign * x, i)
-
     def md_row(values: list) -> list[str]:
         n_fixed = 3 + len(search_keys)  # trial_id, state, knobs, step: short form; metrics: 4 decimals
         return [format_value(v) for v in values[:n_fixed]] + [
             f"{v:.4f}" if _number(v) is not None else format_value(v) for v in values[n_fixed:]
         ]
 
-    order = sorted(range(len(records)), key=sort_key)
+    ranked = ranked_indices(records, metric, mode)
+    order = ranked + [i for i in range(len(records)) if i not in ranked]  # best first, unranked last
     md_rows = [["*" if i == best else "", *md_row(raw[i])] for i in order]
     text = f"# Study trials ({metric}, {mode})\n\n`*` = best trial. {metric_note(metric)}\n\n"
     paths["md"] = out / "study.md"

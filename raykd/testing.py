@@ -19,7 +19,7 @@ def tiny_run_config(method: str, /, **sections: dict[str, Any]) -> RunConfig:
     A method that needs a teacher gets ``teacher.run``: a tiny supervised run (train it with
     :func:`tiny_teacher`).
     """
-    from raykd.methods import METHODS
+    from raykd.registry import METHODS
 
     raw: dict[str, Any] = {
         "data": {"name": "digits", "labels_per_class": 4, "val_per_class": 2, "seed": 0},
@@ -28,7 +28,7 @@ def tiny_run_config(method: str, /, **sections: dict[str, Any]) -> RunConfig:
         "train": {"steps": 2, "batch_size": 8, "uratio": 2, "eval_every": 2, "eval_batch_size": 256, "seed": 0},
         "scaling": {"num_workers": 1},
     }
-    if METHODS.get(method).needs_teacher:
+    if METHODS.get(method).Config.needs_teacher:
         teacher = {k: dict(v) for k, v in raw.items() if k != "method"}
         teacher["method"] = {"name": "supervised"}
         teacher["train"].update(steps=20, eval_every=20)

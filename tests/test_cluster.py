@@ -25,8 +25,7 @@ from raykd.cli import main
 from raykd.config import RunConfig
 from raykd.errors import ConfigError
 from raykd.testing import tiny_run_config
-from raykd.tune.study import concurrency
-from raykd.tune.trial import DRIVER_CPU, trial_needs, trial_resources, trials_that_fit, worker_bundle
+from raykd.tune.resources import DRIVER_CPU, concurrency, trial_needs, trial_resources, trials_that_fit, worker_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"

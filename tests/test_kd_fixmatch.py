@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from raykd.errors import ConfigError
+from raykd.methods import kd_fixmatch as kd_fixmatch_mod
 from raykd.methods.kd_fixmatch import high_confidence, map_clusters, sce_loss, trusted_subset
 from raykd.testing import flat_state, tiny_run_config, tiny_teacher
 from raykd.train.context import LocalSession
@@ -70,7 +71,7 @@ def test_sce_is_ce_plus_clipped_reverse_ce():
     assert torch.allclose(sce_loss(log_p, target, a=0.5, b=0.3), expected)
 
 
-def test_train_step_applies_heuristic_1_and_the_table_is_cached(tmp_path):
+def test_train_step_applies_heuristic_1_and_the_table_is_cached(tmp_path, monkeypatch):
     cfg = tiny_run_config("kd_fixmatch", train={"steps": 2, "eval_every": 2})
     teacher_dir = tiny_teacher(cfg, tmp_path)
     seen = {}
@@ -98,7 +99,7 @@ def test_train_step_applies_heuristic_1_and_the_table_is_cached(tmp_path):
     z_w[1] = 0.0  # unsure
     z_w[2] = 0.0
     z_s = torch.zeros(3, 10, requires_grad=True)
-    m.forward_views = lambda batch: (torch.zeros(1, 10), z_w, z_s)
+    monkeypatch.setattr(kd_fixmatch_mod, "weak_strong_views", lambda ctx, model, batch: (torch.zeros(1, 10), z_w, z_s))
     batch = type("B", (), {"y": torch.tensor([0]), "u_idx": torch.tensor([0, 1, 2]), "u_y": torch.tensor([2, 7, 5])})
     loss, logs = m.train_step(batch)
     log_p = F.log_softmax(z_s.detach(), -1)

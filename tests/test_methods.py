@@ -32,7 +32,7 @@ def test_one_tiny_train_step_in_process(method, tmp_path):
     assert math.isfinite(metrics["loss"])
     torch.manual_seed(cfg.train.seed)  # the loop's initialisation, rebuilt: the step moved the weights
     init = build_model("small_cnn", num_classes=10, in_channels=1, image_size=8, width=8)
-    init = METHODS.get(method).wrap_model(init, cfg, (1, 8, 8))  # as the loop builds it (e.g. TSKD's exits)
+    init = METHODS.get(method).configure_model(init, cfg, (1, 8, 8))  # as the loop builds it (e.g. TSKD's exits)
     assert flat_state(init).shape == seen["model"].shape
     assert not torch.equal(flat_state(init), seen["model"])
     assert session.latest_checkpoint() is not None

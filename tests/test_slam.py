@@ -207,24 +207,24 @@ def test_table_is_cached_and_constant_per_sample_index_across_steps(teacher, tmp
 
 def test_validation_split_is_never_seen_in_training(teacher, tmp_path, monkeypatch):
     cfg = tiny_run_config("slam", train={"steps": 6, "eval_every": 6})
-    batches, student_calls = [], {"before_training": 0}
-    real_step, real_before = SLaM.train_step, SLaM.before_training
+    batches, student_calls = [], {"on_train_start": 0}
+    real_step, real_before = SLaM.train_step, SLaM.on_train_start
 
     def recording_step(self, batch):
         batches.append((batch.idx.clone(), batch.u_idx.clone(), batch.x.clone(), batch.u.clone()))
         return real_step(self, batch)
 
     def watched_before(self):  # the validation images reach the teacher only, never the student
-        hook = self.ctx.raw_model.register_forward_hook(lambda *a: student_calls.__setitem__("before_training", 1))
+        hook = self.ctx.raw_model.register_forward_hook(lambda *a: student_calls.__setitem__("on_train_start", 1))
         try:
             real_before(self)
         finally:
             hook.remove()
 
     monkeypatch.setattr(SLaM, "train_step", recording_step)
-    monkeypatch.setattr(SLaM, "before_training", watched_before)
+    monkeypatch.setattr(SLaM, "on_train_start", watched_before)
     train_loop(cfg, LocalSession(tmp_path), tmp_path, teacher_dir=teacher)
-    assert student_calls["before_training"] == 0
+    assert student_calls["on_train_start"] == 0
 
     d = cfg.data
     bundle = load_dataset(d.name, d.root)

@@ -18,7 +18,8 @@ from raykd.methods.base import Batch
 from raykd.methods.srd import Connector, srd_distance, teacher_head
 from raykd.testing import flat_state, tiny_run_config, tiny_teacher
 from raykd.train.context import LocalSession
-from raykd.train.loop import CHECKPOINT_FILE, train_loop
+from raykd.train.loop import train_loop
+from raykd.train.runfolder import STATE_FILE as CHECKPOINT_FILE
 
 
 def test_srd_distances_on_hand_made_logits():
@@ -179,7 +180,7 @@ def test_connector_is_called_through_the_module_the_loop_prepared(tmp_path):
     seen = {}
     train_loop(cfg, _WrappingSession(tmp_path / "run"), tmp_path / "run", teacher_dir=tiny_teacher(cfg, tmp_path),
                on_end=lambda ctx, m: seen.update(ctx=ctx))  # fmt: skip
-    assert seen["ctx"].extras["connector"].calls == 2 and seen["ctx"].model.calls >= 2
+    assert seen["ctx"].modules["connector"].calls == 2 and seen["ctx"].model.calls >= 2
 
 
 def test_other_teacher_architecture_is_bridged_by_the_connector(tmp_path):

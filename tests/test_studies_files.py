@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from raykd.config import AblationConfig, RunConfig, StudyConfig, parse_config, read_yaml
+from raykd.config import RunConfig, parse_config, read_yaml
 from raykd.tune.ablation import check_key
+from raykd.tune.config import AblationConfig, StudyConfig
 from raykd.tune.space import check_metric, resolve_search, with_params
 
 STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"))

@@ -17,11 +17,13 @@ import pytest
 import yaml
 
 from raykd.cli import main
-from raykd.config import StudyConfig, parse_config, parse_run_config
+from raykd.config import parse_config, parse_run_config
 from raykd.errors import ConfigError
 from raykd.testing import tiny_run_config
 from raykd.train.context import LocalSession
 from raykd.train.loop import train_loop
+from raykd.tune.config import StudyConfig
+from raykd.tune.records import collect_trials, rank_trials
 from raykd.tune.space import resolve_search, short_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +158,7 @@ def test_study_runs_exports_and_the_export_reproduces(tmp_path, ray_local, capsy
     best = yaml.safe_load((d / "best.yaml").read_text())
     prov = best["provenance"]
     assert prov["study"] == "tiny" and prov["trial_id"] in trials and prov["selected_on"] == "val_acc"
-    ranked = study_mod.rank_trials(study_mod.collect_trials(d, ["method.threshold", "train.lr"], 4), "val_acc", "max")
+    ranked = rank_trials(collect_trials(d, ["method.threshold", "train.lr"], 4), "val_acc", "max")
     assert prov["trial_id"] == ranked[0]["trial_id"]
     # re-running the exported config (what `raykd train best.yaml` runs) lands on its reported metric
     cfg = parse_run_config(best)

@@ -139,7 +139,7 @@ def test_loss_puts_ce_on_labeled_rows_and_the_other_terms_on_every_row():
     sd, feat = self_distillation_losses(logits, feats, 3.0)
     kd = sum(kd_loss(q, z_t, 2.0) for q in logits)  # every exit, all six rows
     torch.testing.assert_close(loss, 0.5 * kd + 0.3 * sd + 0.1 * feat)
-    assert set(logs) == set(TSKD.logs)
+    assert set(logs) == set(TSKD.Config.logs(None))
     assert tskd_loss(changed, feats, y, z_t, cfg)[0] != loss  # unlabeled rows do count here
 
 
@@ -164,7 +164,7 @@ def test_teacher_frozen_per_exit_metrics_weighted_vote_and_a_tskd_teacher(tmp_pa
     assert {id(p) for p in student.parameters()} <= ids  # exits included
     assert isinstance(student, MultiExit) and student.num_exits == 3
     # every declared evaluation metric is reported, and the configured vote is test_acc
-    declared = TSKD.eval_metrics(cfg)
+    declared = TSKD.Config.eval_metrics(cfg)
     assert {"test_exit1_acc", "test_exit3_acc", "val_vote_hard_acc"} <= set(declared) <= set(metrics)
     assert metrics["test_acc"] == metrics["test_vote_weighted_acc"]
     # the weighted vote's weights are the evaluated model's validation accuracies per exit
@@ -211,5 +211,5 @@ def test_config_rules_teacher_and_metrics():
         check_metric(cfg, "val_exit1_acc")  # no exit after stage 1 with last_two
     raw["teacher"] = {"checkpoint": "/nowhere"}
     raw["model"] = {"name": "resnet18"}  # four stages, counted without building real weights
-    heads = TSKD.eval_heads(parse_run_config(raw))
+    heads = TSKD.Config.eval_heads(parse_run_config(raw))
     assert heads == ("exit1", "exit2", "exit3", "exit4", "vote_soft", "vote_hard", "vote_weighted")

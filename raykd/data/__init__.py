@@ -1,9 +1,9 @@
 """Datasets, semi-supervised splits and on-device augmentation.
 
-Importing this package registers every dataset family (one module each) in :data:`DATASETS`.
+Each dataset family is one module that registers itself in :data:`raykd.registry.DATASETS`; the
+registry finds the modules by package scan on its first lookup.
 """
 
-from raykd.data import cifar, digits, fashion_mnist, stl10, svhn  # noqa: F401  (registers the families)
 from raykd.data.base import DATASETS, ArrayDataset, DatasetBundle
 from raykd.data.split import SSLData, SSLSplit, data_of, load_dataset, prepare_data, ssl_split
 

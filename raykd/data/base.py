@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from raykd.registry import Registry
+from raykd.registry import DATASETS
 
-DATASETS: Registry = Registry("dataset", "data.name")
+__all__ = ["DATASETS", "ArrayDataset", "DatasetBundle"]
 
 
 @dataclass

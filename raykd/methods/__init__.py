@@ -1,15 +1,9 @@
-"""Training methods.  Importing this package registers every method module in it (discovery by
-import: a new ``raykd/methods/<name>.py`` that registers itself needs no other edit)."""
+"""Training methods: one module each, registered in :data:`raykd.registry.METHODS` (found by package
+scan on the registry's first lookup: a new ``raykd/methods/<name>.py`` that registers itself needs no
+other edit).  ``base`` holds the contract, ``common`` the helpers several methods share."""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+from raykd.methods.base import METHODS, Batch, Method, MethodContext
 
-from raykd.methods.base import METHODS, Batch, Method
-
-for _mod in pkgutil.iter_modules(__path__):
-    if _mod.name != "base":
-        importlib.import_module(f"{__name__}.{_mod.name}")
-
-__all__ = ["METHODS", "Batch", "Method"]
+__all__ = ["METHODS", "Batch", "Method", "MethodContext"]

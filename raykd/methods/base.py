@@ -1,51 +1,63 @@
-"""The method contract.
+"""The method contract: what a method is, and everything it may ask of the run (:class:`MethodContext`).
 
-A method is a subclass of :class:`Method` in its own module under ``raykd/methods/``, registered with
-``@METHODS.register(name)``, with a nested ``Config`` (a :class:`~raykd.config.MethodConfig` whose
-fields are :func:`~raykd.config.knob` s: default, search range, help).  The training loop owns the
-student model, its DDP wrapper, the optimiser, the EMA copy, sampling, evaluation and checkpoints;
-a method only turns a batch into a loss:
+A method is a :class:`Method` subclass in its own module under ``raykd/methods/``, registered with
+``@METHODS.register(name)``, with a nested ``Config``: a :class:`~raykd.config.MethodConfig` whose
+fields are :func:`~raykd.config.knob` s and whose class attributes are the method's static facts
+(``needs_teacher``, ``uses_unlabeled``, ``logs(run)``, ``eval_heads(run)``, ``check_run(run)``).
 
-* ``setup()`` builds what the method needs beyond the student (memory banks, teacher handles).
-* ``before_training()`` runs offline stages once before the first step (trusted subsets, α/k tables).
-* ``train_step(batch) -> (loss, logs)``: one step's loss.  ``logs`` maps names to floats, 0-d tensors,
-  or ``(numerator, denominator)`` pairs, which are averaged as Σnum/Σden over the logging window and
-  across ranks (use that for ratios such as ``pseudo_acc`` whose denominator varies).
-* ``predict(model, x) -> logits`` used for evaluation (the loop passes the EMA or raw student).
-* ``wrap_model(model, run, image_shape)`` (classmethod, default identity) turns the built student
-  into the network the method trains (TSKD adds exits); the loop calls it before DDP, the EMA copy
-  and checkpoints, so all three hold the wrapped network.
-* ``eval_heads(run)`` (classmethod) names extra evaluation outputs; ``predict_all(model, x)`` returns
-  ``(logits, {head: logits})``, and the loop reports each head's accuracy as ``test_<head>_acc`` (and
-  ``val_<head>_acc`` with a validation split); :meth:`Method.eval_metrics` lists those names so a
-  study can select on them.  ``before_evaluation(model)`` runs on every rank before each evaluation.
-* ``state_dict()`` / ``load_state_dict()`` for per-sample state that must survive a restart.
-* ``check_run(run)`` (classmethod) puts the method's rules on the rest of a run config (SLaM needs
-  ``data.val_per_class > 0``); it runs whenever a run config is parsed and raises ConfigError.
+The training loop (``raykd.train``) owns the student, its DDP wrapper, the optimiser, the EMA copy,
+sampling, evaluation and checkpoints, and implements :class:`MethodContext`.  A method sees the run
+only through that context: it imports nothing from ``raykd.train``, ``raykd.tune`` or the CLI, and
+nothing from another method (shared helpers live in :mod:`raykd.methods.common`).
+
+The hooks, in the order the loop calls them (every hook runs on every rank unless it says otherwise):
+
+1. :meth:`Method.configure_model` (classmethod) — once, on the freshly built student, before DDP, the
+   EMA copy and checkpoints; also on a teacher loaded from a run of this method.
+2. ``Method(ctx)`` then :meth:`Method.setup` — once the student exists: build banks, tables, extra
+   trainable modules (``ctx.register_module``).
+3. checkpoint restore: :meth:`Method.load_state_dict` when the run resumes.
+4. :meth:`Method.on_train_start` — offline stages before the first step (and again after a restart).
+5. :meth:`Method.train_step` — every step: the loss and the logs.
+6. :meth:`Method.on_evaluation_start` then :meth:`Method.predict` — at every evaluation.
+7. :meth:`Method.state_dict` — at every checkpoint (rank 0 saves it).
 
 Per-sample state indexed by unlabeled sample index must be identical on every rank: synchronise it
-explicitly with ``ctx.all_gather`` / ``ctx.all_reduce``.
+explicitly with ``ctx.all_gather`` / ``ctx.all_reduce`` (the registry's 2-rank test checks it).
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
 from raykd.config import MethodConfig
-from raykd.registry import Registry
+from raykd.registry import METHODS
 
 if TYPE_CHECKING:
+    import contextlib
+
     from raykd.config import RunConfig
-    from raykd.train.context import StepContext
+    from raykd.data import ArrayDataset, SSLData
 
-METHODS: Registry = Registry("method", "method.name")
+__all__ = ["METHODS", "Batch", "LogValue", "Method", "MethodContext", "Prediction", "split_prediction"]
 
+#: a log value: a float, a 0-d tensor, or a ``(numerator, denominator)`` pair averaged as Σnum/Σden
+#: over the logging window and across ranks (for ratios whose denominator varies, e.g. ``pseudo_acc``)
 LogValue = float | torch.Tensor | tuple[Any, Any]
+#: what ``predict`` returns: the logits, or ``(logits, {head: logits})`` with the extra heads that
+#: ``Config.eval_heads`` names (the loop reports ``test_<head>_acc`` and ``val_<head>_acc``)
+Prediction = torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+
+def split_prediction(out: Prediction) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(logits, heads)`` from either form of :data:`Prediction`."""
+    return out if isinstance(out, tuple) else (out, {})
 
 
 @dataclass
@@ -69,25 +81,80 @@ class Batch:
     step: int
 
 
+class MethodContext(Protocol):
+    """Everything a method may ask of the run it is in (``raykd.train.context.StepContext`` implements it).
+
+    Attributes:
+        run: the resolved run config.
+        data: the semi-supervised data (labeled, unlabeled, val, test) on the host.
+        device: this worker's device.
+        rank, world_size: the DDP group (rank 0 .. world_size-1).
+        num_classes: classes of the student's data.
+        model: the student as called in training (DDP-wrapped when world_size > 1).
+        raw_model: the unwrapped student (``features``, ``classifier``, ``feature_map`` access).
+        teacher: the frozen teacher (eval mode, no gradients, never optimised), or None.
+        teacher_run: the run config that trained the teacher, or None.
+    """
+
+    run: RunConfig
+    data: SSLData
+    device: torch.device
+    rank: int
+    world_size: int
+    model: nn.Module
+    raw_model: nn.Module
+    teacher: nn.Module | None
+    teacher_run: RunConfig | None
+
+    @property
+    def num_classes(self) -> int: ...
+
+    def weak(self, x: torch.Tensor) -> torch.Tensor:
+        """Weakly augmented (flip + translate), normalised float views of uint8 images ``x``."""
+
+    def strong(self, x: torch.Tensor) -> torch.Tensor:
+        """Strongly augmented (RandAugment + Cutout), normalised float views of uint8 images ``x``."""
+
+    def plain(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised float images without augmentation (offline stages, evaluation)."""
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast on GPU when ``train.amp``; a no-op otherwise."""
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (``op`` max / min) a tensor over ranks, in place; identity with one worker."""
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate equally shaped tensors from all ranks along dim 0, in rank order."""
+
+    def register_module(self, name: str, module: nn.Module) -> nn.Module:
+        """Make ``module`` trainable beside the student: moved to the device, DDP-wrapped when
+        distributed (gradients averaged), optimised and checkpointed by the loop.  Call it in
+        :meth:`Method.setup` and call the module through the returned object."""
+
+    def teacher_table(self, prefix: str, key: object, build: Callable[[], dict]) -> dict:
+        """A per-sample table derived from the frozen teacher, identical on every rank: rank 0 runs
+        ``build()`` once per ``key`` (a JSON-able description of all it depends on) and caches it
+        beside the teacher; every rank then loads it."""
+
+    def evaluate(self, model: nn.Module, ds: ArrayDataset) -> tuple[float, dict[str, float]]:
+        """Accuracy of :meth:`Method.predict` on ``ds`` and of each named head, sharded over ranks
+        and all-reduced (every rank must call it)."""
+
+
 class Method(abc.ABC):
     """Base class of every training method.
 
     Attributes:
-        Config: the method's knobs (a MethodConfig subclass with a ``name: Literal[...]`` field).
-        uses_unlabeled: whether batches carry unlabeled data (``train.uratio`` × B per step).
-        needs_teacher: whether the run config must name a teacher (``ctx.teacher`` is then the frozen
-            teacher model, in eval mode, without gradients, outside the optimiser).
-        logs: the names ``train_step`` logs (reported as metrics; a study may optimise them).
-        ctx: the step context (device, model, augmentations, ranks, config).
-        cfg: the method's validated knobs.
+        Config: the method's knobs and static facts (a MethodConfig subclass with a
+            ``name: Literal[...]`` field).
+        ctx: what the method may ask of the run (:class:`MethodContext`).
+        cfg: the method's validated knobs (``ctx.run.method``).
     """
 
     Config: ClassVar[type[MethodConfig]]
-    uses_unlabeled: ClassVar[bool] = True
-    needs_teacher: ClassVar[bool] = False
-    logs: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, ctx: StepContext):
+    def __init__(self, ctx: MethodContext):
         self.ctx = ctx
         self.cfg = ctx.run.method
 
@@ -96,58 +163,37 @@ class Method(abc.ABC):
         """The student as called in training (DDP-wrapped when world size > 1)."""
         return self.ctx.model
 
-    @classmethod  # noqa: B027 - optional hook
-    def check_run(cls, run: RunConfig) -> None:
-        """Rules the method puts on the rest of a run config (e.g. a validation split it needs);
-        raise :class:`~raykd.errors.ConfigError` naming the field.  Called when a run config is parsed."""
-
-    def setup(self) -> None:  # noqa: B027 - optional hook
-        """Build method-specific state; called once after the student exists."""
-
-    def before_training(self) -> None:  # noqa: B027 - optional hook
-        """Offline stages that run once before the first step (and again after a restart)."""
-
-    @abc.abstractmethod
-    def train_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, LogValue]]:
-        """Return this step's scalar loss and its logs."""
-
-    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Evaluation logits for normalised images ``x`` (default: the model's logits)."""
-        return model(x)
-
     @classmethod
-    def wrap_model(cls, model: nn.Module, run: RunConfig, image_shape: tuple[int, int, int]) -> nn.Module:
+    def configure_model(cls, model: nn.Module, run: RunConfig, image_shape: tuple[int, int, int]) -> nn.Module:
         """The network this method trains, built around the registered ``model`` (default: ``model``).
 
-        Called once on the freshly built student (and on a teacher loaded from a run of this method),
-        before DDP and the EMA copy; it must be deterministic given the torch seed.
+        Called by the loop once on every rank, on the freshly built student before DDP, the EMA copy
+        and checkpoints (and on a teacher loaded from a run of this method); it must be
+        deterministic given the torch seed.
         """
         return model
 
-    @classmethod
-    def eval_heads(cls, run: RunConfig) -> tuple[str, ...]:
-        """Names of the extra logits :meth:`predict_all` returns (default: none)."""
-        return ()
+    def setup(self) -> None:  # noqa: B027 - optional hook
+        """Build method-specific state; called once on every rank after the student exists."""
 
-    @classmethod
-    def eval_metrics(cls, run: RunConfig) -> tuple[str, ...]:
-        """The metric names the loop reports for :meth:`eval_heads`."""
-        splits = ("test", "val") if run.data.val_per_class > 0 else ("test",)
-        return tuple(f"{split}_{head}_acc" for split in splits for head in cls.eval_heads(run))
+    def on_train_start(self) -> None:  # noqa: B027 - optional hook
+        """Offline stages, on every rank, once before the first step (and again after a restart)."""
 
-    def predict_all(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Evaluation logits and the extra logits named by :meth:`eval_heads` (default: ``predict``, none)."""
-        return self.predict(model, x), {}
+    @abc.abstractmethod
+    def train_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, LogValue]]:
+        """This step's scalar loss and its logs (exactly the names ``Config.logs(run)`` declares)."""
 
-    def before_evaluation(self, model: nn.Module) -> None:  # noqa: B027 - optional hook
+    def on_evaluation_start(self, model: nn.Module) -> None:  # noqa: B027 - optional hook
         """Called on every rank before each evaluation of ``model`` (e.g. to calibrate vote weights)."""
 
-    def extra_modules(self) -> dict[str, nn.Module]:
-        """Trainable modules besides the student (optimised and checkpointed by the loop)."""
-        return {}
+    def predict(self, model: nn.Module, x: torch.Tensor) -> Prediction:
+        """Evaluation logits for normalised images ``x`` (the loop passes the EMA or raw student), or
+        ``(logits, {head: logits})`` for the heads ``Config.eval_heads(run)`` names."""
+        return model(x)
 
     def state_dict(self) -> dict[str, Any]:
+        """Per-sample state that must survive a restart (saved by rank 0 at every checkpoint)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
-        pass
+        """Restore :meth:`state_dict` on every rank when the run resumes."""

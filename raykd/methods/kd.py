@@ -1,5 +1,5 @@
 """Vanilla knowledge distillation (Hinton, Vinyals & Dean 2015, arXiv 1503.02531) in its
-semi-supervised form — METHODS.md §3.
+semi-supervised form (docs/methods.md).
 
 The frozen teacher and the student see the same weakly augmented views of a labeled batch and an
 unlabeled batch (``train.uratio`` × as many).  The student learns
@@ -7,7 +7,7 @@ unlabeled batch (``train.uratio`` × as many).  The student learns
     L = (1 − α) · CE(y, z_s[labeled]) + α · T² · KL(softmax(z_t / T) ‖ softmax(z_s / T))[labeled ∪ unlabeled]
 
 The T² factor keeps the distillation gradients' scale independent of T (Hinton's form; the
-RepDistiller form γ·CE + α·KL is the same with γ = 1 − α).  Decision (ours, METHODS.md leaves it
+RepDistiller form γ·CE + α·KL is the same with γ = 1 − α).  Decision (ours; the paper leaves it
 open): one concatenated student forward pass over labeled and unlabeled views, so BN statistics are
 shared as in FixMatch; the KL term is averaged over every image of the batch.
 """
@@ -21,14 +21,9 @@ import torch.nn.functional as F
 
 from raykd.config import MethodConfig, knob
 from raykd.methods.base import METHODS, Batch, Method
+from raykd.methods.common import kd_loss
 
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T² · KL(softmax(z_t/T) ‖ softmax(z_s/T))`` averaged over the batch (the teacher side is detached)."""
-    t = temperature
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+__all__ = ["KD", "kd_loss"]
 
 
 @METHODS.register("kd")
@@ -42,8 +37,11 @@ class KD(Method):
             0.9, search={"uniform": [0.1, 0.99]}, ge=0.0, le=1.0, help="mixing weight of the KD term (CE gets 1-alpha)"
         )
 
-    needs_teacher = True
-    logs = ("loss_x", "loss_kd", "teacher_agree")
+        needs_teacher = True
+
+        @classmethod
+        def logs(cls, run) -> tuple[str, ...]:
+            return ("loss_x", "loss_kd", "teacher_agree")
 
     def train_step(self, batch: Batch):
         ctx, cfg = self.ctx, self.cfg

@@ -1,8 +1,8 @@
-"""KD-FixMatch (Wang, Xu, Fu, Liu, Wang; ICIP 2023; arXiv 2309.05826) — METHODS.md §4.
+"""KD-FixMatch (Wang, Xu, Fu, Liu, Wang; ICIP 2023; arXiv 2309.05826) (docs/methods.md).
 
 Stage 1: the *outer* network is a FixMatch model trained once — the run's frozen teacher
 (``teacher.run`` with ``method: fixmatch``, or ``teacher.checkpoint``).
-Stage 2 (``before_training``, once per (teacher, selection knobs, seed, data split) and cached
+Stage 2 (``on_train_start``, once per (teacher, selection knobs, seed, data split) and cached
 beside the teacher): the outer network labels the whole unlabeled pool without augmentation;
 **high-confidence sampling** keeps samples with max probability >= ``tau_hc``; **clustering** of the
 L2-normalised penultimate embeddings (scikit-learn KMeans, k-means++, n_init 10) with clusters mapped
@@ -15,7 +15,7 @@ the inner network is confident (max prob >= ``override_threshold``, default = ``
 trusted samples always count (mask 1); untrusted samples follow plain FixMatch.  ``loss_u: sce`` uses
 symmetric cross-entropy ``a·CE + b·RCE`` with log 0 clipped to -4 (RCE = 4·(1 − p_target)).
 
-Our decisions where the paper's text was not available (METHODS.md [INF]), each a knob:
+Our decisions where the paper's text was not available, each a knob:
 
 * embeddings: pooled penultimate features (``embedding: logits`` clusters the logits instead);
 * K = ``cluster_mult`` × C unless ``num_clusters`` is set;
@@ -45,9 +45,8 @@ from pydantic import model_validator
 
 from raykd.config import MethodConfig, knob
 from raykd.errors import ConfigError
-from raykd.methods.base import METHODS, Batch
-from raykd.methods.fixmatch import FixMatch, pseudo_label_accuracy
-from raykd.train.teacher import teacher_table
+from raykd.methods.base import METHODS, Batch, Method
+from raykd.methods.common import pseudo_label_accuracy, weak_strong_views
 
 
 def high_confidence(probs: np.ndarray, tau_hc: float, mode: str = "threshold", fraction: float = 0.5) -> np.ndarray:
@@ -173,7 +172,7 @@ def sce_loss(log_probs: torch.Tensor, target: torch.Tensor, a: float, b: float) 
 
 
 @METHODS.register("kd_fixmatch")
-class KDFixMatch(FixMatch):
+class KDFixMatch(Method):
     """KD-FixMatch: FixMatch whose unlabeled loss trusts a filtered subset of a FixMatch teacher's labels."""
 
     class Config(MethodConfig):
@@ -231,8 +230,12 @@ class KDFixMatch(FixMatch):
                                   "cluster_mult: 1 or cluster_map: majority")  # fmt: skip
             return self
 
-    needs_teacher = True
-    logs = ("loss_x", "loss_u", "loss_t", "mask_rate", "pseudo_acc", "trusted_rate", "trusted_size", "trusted_acc")
+        needs_teacher = True
+
+        @classmethod
+        def logs(cls, run) -> tuple[str, ...]:
+            return ("loss_x", "loss_u", "loss_t", "mask_rate", "pseudo_acc", "trusted_rate", "trusted_size",
+                    "trusted_acc")  # fmt: skip
 
     def setup(self) -> None:
         n = len(self.ctx.data.unlabeled)
@@ -285,9 +288,9 @@ class KDFixMatch(FixMatch):
         info["trusted_acc"] = float((label[known] == hidden[known]).mean()) if known.any() else float("nan")
         return {"trusted": torch.from_numpy(trusted), "label": torch.from_numpy(label), "info": info}
 
-    def before_training(self) -> None:
+    def on_train_start(self) -> None:
         """Compute (rank 0, once per configuration; cached beside the teacher) or load the trusted table."""
-        table = teacher_table(self.ctx, "trusted", self._table_key(), self._build_table)
+        table = self.ctx.teacher_table("trusted", self._table_key(), self._build_table)
         self.trusted = table["trusted"].to(self.ctx.device)
         self.trusted_label = table["label"].to(self.ctx.device)
         self.info = dict(table["info"])
@@ -299,7 +302,7 @@ class KDFixMatch(FixMatch):
 
     def train_step(self, batch: Batch):
         cfg = self.cfg
-        z_l, z_w, z_s = self.forward_views(batch)
+        z_l, z_w, z_s = weak_strong_views(self.ctx, self.model, batch)
         loss_x = F.cross_entropy(z_l.float(), batch.y)
         conf, pred = z_w.detach().float().softmax(-1).max(-1)
         trusted = self.trusted[batch.u_idx]

@@ -1,4 +1,4 @@
-"""LayerMatch: Grad-ReLU + Avg-Clustering (Liang et al., arXiv 2406.14207) — METHODS.md §7.
+"""LayerMatch: Grad-ReLU + Avg-Clustering (Liang et al., arXiv 2406.14207) (docs/methods.md).
 
 FixMatch's batch construction (one concatenated forward pass over weak labeled, weak unlabeled and
 strong unlabeled views) with two changes to the pseudo-label loss L_u:
@@ -30,7 +30,7 @@ current (detached) prediction on the weak view and q̄ the averaged one; the pse
   run in train mode so that it uses the batch's BN statistics and never per-rank running ones).
 * ``none``: no averaging — plain FixMatch targets (mask 1[max q ≥ τ]); with Grad-ReLU alone.
 
-Our decisions where the paper's text was not available (all METHODS.md [INF], each a knob): full
+Our decisions where the paper's text was not available (each a knob): full
 blocking (s = 0) by default; the per-sample EMA reading of Avg-Clustering; τ (``threshold``) gates the
 current prediction only in ``avg_mode: none``, τ_a (``avg_threshold``) gates the averaged one in the
 other modes; ``avg_momentum`` defaults to 0.9 for sample_ema and 0.999 for center_ema / ema_model;
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from raykd.config import MethodConfig, knob
 from raykd.methods.base import METHODS, Batch, Method
-from raykd.methods.fixmatch import fixmatch_unsup_loss, pseudo_label_accuracy
+from raykd.methods.common import fixmatch_unsup_loss, pseudo_label_accuracy
 
 DEFAULT_MOMENTUM = {"sample_ema": 0.9, "center_ema": 0.999, "ema_model": 0.999, "none": 0.0}
 
@@ -180,7 +180,9 @@ class LayerMatch(Method):
         )
         lambda_u: float = knob(1.0, search={"loguniform": [0.25, 4.0]}, ge=0.0, help="weight of the unlabeled loss")
 
-    logs = ("loss_x", "loss_u", "mask_rate", "pseudo_acc", "agree_rate")
+        @classmethod
+        def logs(cls, run) -> tuple[str, ...]:
+            return ("loss_x", "loss_u", "mask_rate", "pseudo_acc", "agree_rate")
 
     def setup(self) -> None:
         cfg, ctx = self.cfg, self.ctx

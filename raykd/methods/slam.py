@@ -1,5 +1,5 @@
 """SLaM — Student-Label Mixing (Kontonis, Iliopoulos, Trinh, Baykal, Menghani, Vee; NeurIPS 2023;
-arXiv 2302.03806) — METHODS.md §5.
+arXiv 2302.03806) (docs/methods.md).
 
 A frozen teacher labels the unlabeled pool; its labels are noisy.  SLaM models the noise per example:
 with probability α(x) the teacher's label is right, otherwise the truth is one of the teacher's other
@@ -14,7 +14,7 @@ it is compared with the teacher's label y_s (forward loss adjustment, Remark B.1
 |V| = val_per_class × C, the paper's "e.g. 500", search range [200, 5000]).  V is never trained on:
 the loop never samples it, and the teacher must hold it out as well (same ``data.seed`` and at least
 the same ``val_per_class``; checked when the config is parsed for ``teacher.run`` and before training
-for ``teacher.checkpoint``).  Estimation (``before_training``, rank 0 only, once per (teacher, table
+for ``teacher.checkpoint``).  Estimation (``on_train_start``, rank 0 only, once per (teacher, table
 knobs, data split), cached beside the teacher under a file lock; every rank then loads the same file):
 
 1. The teacher labels the pool and V without augmentation: y_s = softmax(z_t / temperature).
@@ -31,7 +31,7 @@ knobs, data split), cached beside the teacher under a file lock; every rank then
    k_max is capped at C.
 6. top(y_s; k(x)) is the 0/1 mask of the k(x) largest entries of y_s(x).
 
-Our decisions where the paper's text was not available (METHODS.md [INF]), each a knob: soft teacher
+Our decisions where the paper's text was not available, each a knob: soft teacher
 labels at temperature 1 by default (``label_type: hard`` uses the one-hot arg-max); teacher labels and
 the tables are computed once on un-augmented images, so α, k and the mask are constants per unlabeled
 index; the student sees weakly augmented views of both batches by default (``student_view: plain``
@@ -51,7 +51,6 @@ import torch.nn.functional as F
 from raykd.config import DataConfig, MethodConfig, RunConfig, knob
 from raykd.errors import ConfigError
 from raykd.methods.base import METHODS, Batch, Method
-from raykd.train.teacher import teacher_table
 
 EPS = 1e-8
 
@@ -253,18 +252,22 @@ class SLaM(Method):
             "weak", search={"choice": ["weak", "plain"]}, help="student input: weak augmentation or none"
         )
 
-    needs_teacher = True
-    logs = ("loss_x", "loss_u", "alpha_mean", "k_mean", "teacher_acc", "topk_cover", "val_size")
+        needs_teacher = True
 
-    @classmethod
-    def check_run(cls, run: RunConfig) -> None:
-        if run.data.val_per_class < 1:
-            raise ConfigError("data.val_per_class", "slam estimates alpha(x) and k(x) on a held-out labeled validation "
-                              "split: set it to 1 or more per class (the paper's |V| is about 500)")  # fmt: skip
-        if run.teacher is not None and run.teacher.run is not None:
-            why = holds_out(run.data, run.teacher.run.data)
-            if why:
-                raise ConfigError("teacher.run.data", why)
+        @classmethod
+        def logs(cls, run: RunConfig) -> tuple[str, ...]:
+            return ("loss_x", "loss_u", "alpha_mean", "k_mean", "teacher_acc", "topk_cover", "val_size")
+
+        @classmethod
+        def check_run(cls, run: RunConfig) -> None:
+            if run.data.val_per_class < 1:
+                raise ConfigError("data.val_per_class", "slam estimates alpha(x) and k(x) on a held-out "
+                                  "labeled validation split: set it to 1 or more per class (the paper's |V| is "
+                                  "about 500)")  # fmt: skip
+            if run.teacher is not None and run.teacher.run is not None:
+                why = holds_out(run.data, run.teacher.run.data)
+                if why:
+                    raise ConfigError("teacher.run.data", why)
 
     def setup(self) -> None:
         n, c, dev = len(self.ctx.data.unlabeled), self.ctx.num_classes, self.ctx.device
@@ -283,9 +286,7 @@ class SLaM(Method):
                 self._alpha_min(), self.ctx.run.data.model_dump(mode="json")]  # fmt: skip
 
     def _check_teacher_split(self) -> None:
-        from raykd.train.teacher import teacher_config
-
-        tdata = teacher_config(self.ctx.teacher_dir).data
+        tdata = self.ctx.teacher_run.data
         why = holds_out(self.ctx.run.data, tdata)
         if why:
             raise ConfigError("teacher.checkpoint" if self.ctx.run.teacher.checkpoint else "teacher.run.data", why)
@@ -324,11 +325,11 @@ class SLaM(Method):
         return {"probs": torch.from_numpy(pool).float(), "alpha": torch.from_numpy(alpha).float(),
                 "k": torch.from_numpy(k), "mask": torch.from_numpy(mask), "info": info}  # fmt: skip
 
-    def before_training(self) -> None:
+    def on_train_start(self) -> None:
         """Compute (rank 0, once per setting; cached beside the teacher) or load the per-sample table."""
         ctx = self.ctx
         self._check_teacher_split()
-        table = teacher_table(ctx, "slam", self._table_key(), self.build_table)
+        table = ctx.teacher_table("slam", self._table_key(), self.build_table)
         self.teacher_probs = table["probs"].to(ctx.device)
         self.alpha = table["alpha"].to(ctx.device)
         self.k = table["k"].to(ctx.device)

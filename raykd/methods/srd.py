@@ -1,5 +1,5 @@
 """SRD — semantic representational distillation (Yang, Zhu, Bulat, Martinez, Tzimiropoulos; IJCV 2025;
-arXiv 2205.06701; code github.com/jingyang2017/SRD_ossl), with open-set unlabeled data — METHODS.md §6.
+arXiv 2205.06701; code github.com/jingyang2017/SRD_ossl), with open-set unlabeled data (docs/methods.md).
 
 The frozen teacher's classifier is a "semantic critic" of the student's representation.  Teacher and
 student see the same weakly augmented views of a labeled batch concatenated with an unlabeled batch
@@ -14,12 +14,13 @@ to the teacher's, and h_t = W_t·pool(·) + b_t the teacher's own pooling and cl
 
 with dist = MSE (the code's choice; mean over batch and classes), L1, or T²·KL(σ(z_t/T) ‖ σ(ẑ/T)).
 The student's own classifier learns only from CE (and the optional logit KD term α); the connector
-(``extra_modules``: optimised, DDP-averaged and checkpointed by the loop) and the student's backbone
-learn from the SRD block.  Defaults are the authors' (γ = 1, α = 0, β = 1, w_feat = 1, MSE, T = 4).
+(registered with ``ctx.register_module``: optimised, DDP-averaged and checkpointed by the loop) and
+the student's backbone learn from the SRD block.  Defaults are the authors' (γ = 1, α = 0, β = 1,
+w_feat = 1, MSE, T = 4).
 The teacher logits of an image are always that image's own: the reference code's "separate batch"
 loop compared the unlabeled branch against the labeled batch's teacher logits, a slip we do not copy.
 
-Our decisions where METHODS.md leaves a choice ([INF]), each a knob: ``distance`` l1 and kl besides
+Our decisions where the paper leaves a choice, each a knob: ``distance`` l1 and kl besides
 mse; ``connector`` ``conv1x1_bn_relu`` (the code's, He-initialised, applied even when the channel
 counts agree) or ``conv1x1`` or ``linear_on_pooled`` (a linear map of the pooled student features);
 ``alpha_kd`` adds Hinton KD on all images.  Architectures may differ: the connector bridges the
@@ -43,12 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raykd.config import MethodConfig, knob
+from raykd.config import MethodConfig, RunConfig, knob
 from raykd.data.split import UNSEEN
 from raykd.errors import ConfigError
 from raykd.methods.base import METHODS, Batch, Method
-from raykd.methods.fixmatch import seen_unseen_means
-from raykd.methods.kd import kd_loss
+from raykd.methods.common import kd_loss, seen_unseen_means, seen_unseen_names
 
 CONNECTORS = ("conv1x1_bn_relu", "conv1x1", "linear_on_pooled")
 
@@ -138,11 +138,14 @@ class SRD(Method):
             "conv1x1_bn_relu", search={"choice": list(CONNECTORS)}, help="the adapter phi (student -> teacher channels)"
         )
 
-    needs_teacher = True
-    logs = (
-        "loss_x", "loss_srd", "loss_feat", "loss_kd", "teacher_agree", "cross_agree", "srd_seen", "srd_unseen",
-        "teacher_conf_seen", "teacher_conf_unseen", "unseen_rate",
-    )  # fmt: skip
+        needs_teacher = True
+
+        @classmethod
+        def logs(cls, run: RunConfig) -> tuple[str, ...]:
+            base = ("loss_x", "loss_srd", "loss_feat", "loss_kd", "teacher_agree", "cross_agree")
+            if run.data.open_set is None:
+                return base
+            return (*base, *seen_unseen_names("srd", "teacher_conf"), "unseen_rate")
 
     def setup(self) -> None:
         ctx = self.ctx
@@ -153,10 +156,8 @@ class SRD(Method):
             raise ConfigError("teacher", message)
         c_s = ctx.raw_model.classifier.in_features
         c_t = ctx.teacher.classifier.in_features
-        self.connector = Connector(c_s, c_t, self.cfg.connector).to(ctx.device)
-
-    def extra_modules(self) -> dict[str, nn.Module]:
-        return {"connector": self.connector}
+        # trained beside the student: DDP-averaged, optimised and checkpointed by the loop
+        self.connector = ctx.register_module("connector", Connector(c_s, c_t, self.cfg.connector))
 
     def terms(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Every term of the loss (not detached) and what the logs need, from one student forward."""
@@ -164,7 +165,7 @@ class SRD(Method):
         b = batch.x.shape[0]
         images = batch.x if batch.u is None else torch.cat([batch.x, batch.u])
         views = ctx.weak(images)  # teacher and student see the same view
-        connector = ctx.extras.get("connector", self.connector)
+        connector = self.connector
         with ctx.autocast():
             z_s, f_s = self.model(views, with_map=True)
             with torch.no_grad():

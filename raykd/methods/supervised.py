@@ -16,9 +16,11 @@ class Supervised(Method):
 
     class Config(MethodConfig):
         name: Literal["supervised"] = "supervised"
+        uses_unlabeled = False
 
-    uses_unlabeled = False
-    logs = ("loss_x",)
+        @classmethod
+        def logs(cls, run) -> tuple[str, ...]:
+            return ("loss_x",)
 
     def train_step(self, batch: Batch):
         with self.ctx.autocast():

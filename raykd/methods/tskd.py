@@ -1,5 +1,5 @@
 """TSKD — teacher–student collaborative knowledge distillation (Xu, Gao, Li, Bai, Li, Zhang; Applied
-Intelligence 53(2):1997–2009, 2023; DOI 10.1007/s10489-022-03486-4) — METHODS.md §8.
+Intelligence 53(2):1997–2009, 2023; DOI 10.1007/s10489-022-03486-4) (docs/methods.md).
 
 The student becomes multi-exit (:class:`~raykd.models.multi_exit.MultiExit`: bottleneck + pooling +
 linear after chosen stages; the deepest exit is the network's own head) and learns from two
@@ -10,16 +10,16 @@ pooled features F_i of exits i = 1..K (K the deepest), teacher logits z_t and sg
     L = Σ_i [ w_ce·CE(y, q_i)[labeled] + w_kd·KL_T_kd(z_t ‖ q_i) ]
       + Σ_{i<K} [ w_sd·KL_T_sd(sg(q_K) ‖ q_i) + w_feat·MSE(F_i, sg(F_K)) ]
 
-KL_T is ``T²·KL(softmax(·/T) ‖ softmax(·/T))`` (:func:`raykd.methods.kd.kd_loss`).  The labeled batch
+KL_T is ``T²·KL(softmax(·/T) ‖ softmax(·/T))`` (:func:`raykd.methods.common.kd_loss`).  The labeled batch
 and ``train.uratio`` × as many unlabeled images go through one forward pass (weak views, shared BN
 statistics as in KD); CE uses the labeled part only, every other term labeled ∪ unlabeled — the
-semi-supervised extension METHODS.md §8(b)5 specifies (unlabeled data: teacher KD, self-distillation
+semi-supervised extension docs/methods.md specifies (unlabeled data: teacher KD, self-distillation
 and feature terms, no CE).  Evaluation predicts with the exits' ensemble vote, and the loop reports
 each exit's accuracy (``test_exit<s>_acc``, ``s`` the 1-based stage the exit follows) and all three
 votes' (``test_vote_soft_acc``, ``test_vote_hard_acc``, ``test_vote_weighted_acc``; ``val_…`` too
 with a validation split), whatever ``vote`` selects.
 
-Our decisions where the paper's equations were not available (METHODS.md [INF]; BYOT template):
+Our decisions where the paper's equations were not available (BYOT template):
 
 * exits: ``every`` stage (default) or the ``last_two`` stages; bottlenecks as in MultiExit;
 * the losses are summed over exits (not averaged), per the formula; ``w_ce`` = 1 by default
@@ -50,7 +50,7 @@ from torch import nn
 
 from raykd.config import MethodConfig, RunConfig, knob
 from raykd.methods.base import METHODS, Batch, Method
-from raykd.methods.kd import kd_loss
+from raykd.methods.common import kd_loss
 from raykd.models.multi_exit import MultiExit, num_stages, stage_shapes
 
 VOTES = ("soft", "hard", "weighted")
@@ -155,6 +155,10 @@ class _ExitKnobs(MethodConfig):
         "soft", search={"choice": list(VOTES)}, help="ensemble vote used by predict (weighted: by val accuracy)"
     )
 
+    @classmethod
+    def eval_heads(cls, run: RunConfig) -> tuple[str, ...]:
+        return (*exit_names(run), *(f"vote_{v}" for v in VOTES))
+
 
 @METHODS.register("tskd")
 class TSKD(Method):
@@ -166,17 +170,16 @@ class TSKD(Method):
         w_kd: float = knob(0.5, search={"uniform": [0.1, 0.9]}, ge=0.0, help="teacher-KD weight on every exit")
         T_kd: float = knob(4.0, search={"loguniform": [1.0, 8.0]}, gt=0.0, help="teacher-KD temperature")
 
-    needs_teacher = True
-    logs = ("loss_ce", "loss_kd", "loss_sd", "loss_feat", "teacher_agree")
+        needs_teacher = True
+
+        @classmethod
+        def logs(cls, run: RunConfig) -> tuple[str, ...]:
+            return ("loss_ce", "loss_kd", "loss_sd", "loss_feat", "teacher_agree")
 
     @classmethod
-    def wrap_model(cls, model: nn.Module, run: RunConfig, image_shape: tuple[int, int, int]) -> nn.Module:
+    def configure_model(cls, model: nn.Module, run: RunConfig, image_shape: tuple[int, int, int]) -> nn.Module:
         stages = exit_stages(run.method.exits, len(stage_shapes(model, image_shape)))
         return MultiExit(model, stages, image_shape, bn_momentum=run.model.resolved_bn_momentum(run.train.steps))
-
-    @classmethod
-    def eval_heads(cls, run: RunConfig) -> tuple[str, ...]:
-        return (*exit_names(run), *(f"vote_{v}" for v in VOTES))
 
     def setup(self) -> None:
         self.exit_weights = torch.ones(self.ctx.raw_model.num_exits, dtype=torch.float64)
@@ -193,7 +196,8 @@ class TSKD(Method):
                     z_t = ctx.teacher(views)
         return tskd_loss(logits, feats, batch.y, z_t, self.cfg)
 
-    def predict_all(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def predict(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The selected vote, and every exit and vote as named heads."""
         logits, _ = model(x, all_exits=True)
         names = [f"exit{s + 1}" for s in getattr(model, "module", model).exit_stages]
         out = dict(zip(names, logits, strict=True))
@@ -201,17 +205,12 @@ class TSKD(Method):
             out[f"vote_{rule}"] = ensemble_vote(logits, rule, self.exit_weights)
         return out[f"vote_{self.cfg.vote}"], out
 
-    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return self.predict_all(model, x)[0]
-
-    def before_evaluation(self, model: nn.Module) -> None:
+    def on_evaluation_start(self, model: nn.Module) -> None:
         """Weights of the ``weighted`` vote: each exit's validation accuracy (equal without a split)."""
         data = self.ctx.data
         if data.val is None:
             return
-        from raykd.train.loop import evaluate_all
-
-        _, accs = evaluate_all(self, model, data.val, self.ctx, self.ctx.run.train.eval_batch_size)
+        _, accs = self.ctx.evaluate(model, data.val)
         names = [f"exit{s + 1}" for s in getattr(model, "module", model).exit_stages]
         self.exit_weights = torch.tensor([accs[n] for n in names], dtype=torch.float64)
 
@@ -231,5 +230,6 @@ class TSKDSelfDistillation(TSKD):
     class Config(_ExitKnobs):
         name: Literal["tskd_sd"] = "tskd_sd"
 
-    needs_teacher = False
-    logs = ("loss_ce", "loss_sd", "loss_feat")
+        @classmethod
+        def logs(cls, run: RunConfig) -> tuple[str, ...]:
+            return ("loss_ce", "loss_sd", "loss_feat")

@@ -1,6 +1,6 @@
-"""Models: importing this package registers every model family in :data:`MODELS`."""
+"""Models: each family is one module that registers itself in :data:`raykd.registry.MODELS` (found by
+package scan on the registry's first lookup)."""
 
-from raykd.models import resnet, small_cnn, wrn  # noqa: F401  (registration by import)
 from raykd.models.base import MODELS, SSLModel, build_model
 
 __all__ = ["MODELS", "SSLModel", "build_model"]

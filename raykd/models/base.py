@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from raykd.registry import Registry
+from raykd.registry import MODELS
 
-MODELS: Registry = Registry("model", "model.name")
+__all__ = ["MODELS", "SSLModel", "build_model"]
 
 
 class SSLModel(nn.Module):

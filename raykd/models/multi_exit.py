@@ -1,4 +1,4 @@
-"""A multi-exit wrapper for any :class:`~raykd.models.base.SSLModel` (TSKD, METHODS.md §8).
+"""A multi-exit wrapper for any :class:`~raykd.models.base.SSLModel` (TSKD, docs/methods.md).
 
 An exit after stage ``s`` (not the last) is a bottleneck that brings that stage's feature map to
 the last stage's resolution and width, global average pooling, and its own linear classifier.  The

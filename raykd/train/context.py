@@ -2,18 +2,17 @@
 
 * :class:`Session` — where the loop runs: rank, world size, device, ``report`` (metrics plus an
   optional checkpoint folder) and ``latest_checkpoint``.  :class:`LocalSession` runs in-process with
-  one worker (tests, debugging, and later the inline single-worker study trial); the Ray Train
-  implementation lives in :mod:`raykd.train.trainer`.  Methods never see which one is in use.
-* :class:`StepContext` — what a method sees: the run config, device, the student (DDP-wrapped when
-  distributed), augmentations, autocast and collective helpers.
+  one worker (tests, debugging, benchmarks); the Ray Train one lives in :mod:`raykd.train.trainer`
+  and the inline study trial's in :mod:`raykd.tune.trial`.  Methods never see which one is in use.
+* :class:`StepContext` — the loop's implementation of :class:`raykd.methods.base.MethodContext`,
+  everything a method may ask of the run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,8 +22,11 @@ import torch.distributed as dist
 from torch import nn
 
 from raykd.config import RunConfig
-from raykd.data import SSLData
+from raykd.data import ArrayDataset, SSLData
 from raykd.data.augment import Augmenter
+from raykd.methods.base import Method, split_prediction
+from raykd.train.runfolder import LOCAL_CHECKPOINTS
+from raykd.train.teacher import teacher_table
 
 
 class Session(Protocol):
@@ -63,14 +65,14 @@ class LocalSession:
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         self.reports.append(dict(metrics))
         if checkpoint_dir is not None:
-            root = self.run_dir / "checkpoints"
+            root = self.run_dir / LOCAL_CHECKPOINTS
             dest = root / f"step_{int(metrics['step']):09d}"
             shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
             for old in sorted(root.glob("step_*"))[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
 
     def latest_checkpoint(self) -> Path | None:
-        found = sorted((self.run_dir / "checkpoints").glob("step_*"))
+        found = sorted((self.run_dir / LOCAL_CHECKPOINTS).glob("step_*"))
         return found[-1] if found else None
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
@@ -79,21 +81,18 @@ class LocalSession:
 
 @dataclass
 class StepContext:
-    """What a method sees of the training run.
+    """The loop's :class:`raykd.methods.base.MethodContext` (see there for what each member means),
+    plus what only the loop uses: the method it serves, the registered extra modules, the teacher's
+    folder and how to prepare a module for data parallelism.
 
     Attributes:
-        run: the resolved run config.
-        data: the semi-supervised data (labeled, unlabeled, val, test) on the host.
-        device: this worker's device.
-        rank, world_size: the DDP group.
-        model: the student as called in training (DDP-wrapped when world_size > 1).
-        raw_model: the unwrapped student (for ``features``/``classifier`` access).
         augmenter: the batched on-device augmentation pipeline.
         generator: this rank's RNG for augmentations (seeded by run seed, rank and step).
-        teacher: the frozen teacher (eval mode, no gradients, not optimised) or None.
-        teacher_dir: the teacher's run folder (methods cache per-teacher tables there) or None.
-        extras: the method's ``extra_modules()`` as the loop prepared them (moved to the device and
-            DDP-wrapped when distributed); call them through these so their gradients are averaged.
+        channels_last: whether images are handed out in channels_last memory format.
+        teacher_dir: the teacher's run folder (teacher tables are cached there) or None.
+        prepare: moves a module to the device and wraps it for DDP (the session's ``prepare_model``).
+        modules: the extra trainable modules registered by the method, as prepared.
+        method: the method this context serves (set by the loop right after building it).
     """
 
     run: RunConfig
@@ -107,8 +106,11 @@ class StepContext:
     generator: torch.Generator
     channels_last: bool = False
     teacher: nn.Module | None = None
+    teacher_run: RunConfig | None = None
     teacher_dir: Path | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    prepare: Callable[[nn.Module], nn.Module] | None = None
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+    method: Method | None = None
 
     @property
     def num_classes(self) -> int:
@@ -118,28 +120,30 @@ class StepContext:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def weak(self, x: torch.Tensor) -> torch.Tensor:
-        """Weakly augmented, normalised float views of uint8 images ``x``."""
         return self._format(self.augmenter.weak(x, generator=self.generator))
 
     def strong(self, x: torch.Tensor) -> torch.Tensor:
-        """Strongly augmented (RandAugment + Cutout), normalised float views of uint8 images ``x``."""
         return self._format(self.augmenter.strong(x, generator=self.generator))
 
     def plain(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised float images without augmentation (evaluation, offline stages)."""
         return self._format(self.augmenter.normalize(x.float().div_(255.0) if x.dtype == torch.uint8 else x))
 
     def autocast(self):
-        """bfloat16 autocast on GPU when ``train.amp``; a no-op otherwise."""
         if self.run.train.amp and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Sum (or max/min) a tensor over ranks, in place; identity with one worker."""
         if self.world_size > 1 and dist.is_initialized():
             dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
         return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1 or not dist.is_initialized():
+            return t
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t.contiguous())
+        return torch.cat(out)
 
     def broadcast_buffers(self, module: nn.Module) -> None:
         """Copy rank 0's buffers (BN running statistics) to every rank.
@@ -152,27 +156,37 @@ class StepContext:
             for b in module.buffers():
                 dist.broadcast(b, src=0)
 
-    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate equally shaped tensors from all ranks along dim 0 (rank order)."""
-        if self.world_size == 1 or not dist.is_initialized():
-            return t
-        out = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(out, t.contiguous())
-        return torch.cat(out)
+    def register_module(self, name: str, module: nn.Module) -> nn.Module:
+        if name in self.modules:
+            raise ValueError(f"a module named {name!r} is already registered")
+        module = module.to(self.device)
+        prepared = self.prepare(module) if self.prepare is not None else module
+        self.modules[name] = prepared
+        return prepared
 
+    def teacher_table(self, prefix: str, key: object, build: Callable[[], dict]) -> dict:
+        if self.teacher_dir is None:
+            raise ValueError("teacher_table needs a teacher (this run has none)")
+        return teacher_table(self.teacher_dir, self.rank, self.world_size, prefix, key, build)
 
-RESULT_FILE = "result.json"
-
-
-def write_result(run_dir: Path, record: dict[str, Any]) -> None:
-    """Write ``run_dir/result.json`` (a finished run's metrics) atomically."""
-    tmp = run_dir / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    tmp.replace(run_dir / RESULT_FILE)
-
-
-def append_progress(run_dir: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line to ``run_dir/progress.jsonl`` (rank 0 only; the driver tails it)."""
-    record = {"time": time.time(), **record}
-    with open(run_dir / "progress.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, ds: ArrayDataset) -> tuple[float, dict[str, float]]:
+        """Accuracy of the method's ``predict`` and of each head it names, sharded over ranks and
+        all-reduced (every rank calls it)."""
+        was_training = model.training
+        model.eval()
+        idx = torch.arange(self.rank, len(ds), self.world_size)
+        heads = list(type(self.run.method).eval_heads(self.run))
+        counts = torch.zeros(2 + len(heads), dtype=torch.float64, device=self.device)  # [main, *heads, n]
+        for chunk in idx.split(self.run.train.eval_batch_size):
+            x = ds.images[chunk].to(self.device, non_blocking=True)
+            y = ds.labels[chunk].to(self.device, non_blocking=True)
+            with self.autocast():
+                logits, extra = split_prediction(self.method.predict(model, self.plain(x)))
+            for i, z in enumerate([logits, *(extra[h] for h in heads)]):
+                counts[i] += (z.argmax(dim=-1) == y).sum()
+            counts[-1] += len(chunk)
+        self.all_reduce(counts)
+        model.train(was_training)
+        acc = (counts[:-1] / counts[-1].clamp_min(1)).tolist()
+        return acc[0], dict(zip(heads, acc[1:], strict=True))

@@ -1,4 +1,5 @@
-"""The per-worker training loop, shared by ``raykd train`` (Ray Train workers) and in-process runs.
+"""The per-worker training loop, shared by ``raykd train`` (Ray Train workers), study trials and
+in-process runs.
 
 Per step: this rank's share of the global labeled batch (and ``uratio`` × as many unlabeled images),
 the method's loss, SGD with Nesterov momentum, a cosine learning-rate schedule, no weight decay on
@@ -8,6 +9,10 @@ sets, logs are averaged over the window and all-reduced across ranks, and rank 0
 that is reported together with the metrics; at the last step it also writes ``result.json``.  A
 restart resumes from the latest checkpoint (model, EMA, optimiser, method state and step); batch
 sampling and augmentation are functions of the step, so it continues exactly.
+
+:func:`train_loop` runs these named phases: :func:`build_run` (student, method, EMA, optimiser),
+:func:`restore` (the latest checkpoint), then per step :func:`train_one_step`, and at each evaluation
+:func:`evaluate_run` and :func:`checkpoint_state`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +29,17 @@ import torch
 from torch import nn
 
 from raykd.config import RunConfig
-from raykd.data import ArrayDataset, SSLData, data_of
+from raykd.data import SSLData, data_of
 from raykd.data.augment import Augmenter
-from raykd.methods import METHODS, Batch, Method
+from raykd.methods.base import Batch, Method
 from raykd.models import build_model
-from raykd.train.context import Session, StepContext, append_progress, write_result
+from raykd.registry import METHODS
+from raykd.train.context import Session, StepContext
 from raykd.train.ema import ModelEMA
+from raykd.train.runfolder import STATE_FILE, RunFolder
 from raykd.train.sampler import GlobalBatchSampler
-from raykd.train.teacher import load_teacher
+from raykd.train.teacher import load_teacher, teacher_config
 
-CHECKPOINT_FILE = "state.pt"
 #: metrics every run reports at each evaluation (besides its method's ``logs``)
 LOOP_METRICS = ("step", "epoch", "lr", "loss", "img_per_s", "test_acc", "best_test_acc")
 #: metrics reported only with a validation split (``data.val_per_class > 0``)
@@ -60,31 +67,6 @@ def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
-
-
-@torch.no_grad()
-def evaluate_all(
-    method: Method, model: nn.Module, ds: ArrayDataset, ctx: StepContext, batch_size: int
-) -> tuple[float, dict[str, float]]:
-    """Accuracy of ``method.predict_all``'s logits and of each of its named extra logits on ``ds``,
-    sharded over ranks and all-reduced."""
-    was_training = model.training
-    model.eval()
-    idx = torch.arange(ctx.rank, len(ds), ctx.world_size)
-    heads = list(method.eval_heads(ctx.run))
-    counts = torch.zeros(2 + len(heads), dtype=torch.float64, device=ctx.device)  # [main, *heads, n]
-    for chunk in idx.split(batch_size):
-        x = ds.images[chunk].to(ctx.device, non_blocking=True)
-        y = ds.labels[chunk].to(ctx.device, non_blocking=True)
-        with ctx.autocast():
-            logits, extra = method.predict_all(model, ctx.plain(x))
-        for i, z in enumerate([logits, *(extra[h] for h in heads)]):
-            counts[i] += (z.argmax(dim=-1) == y).sum()
-        counts[-1] += len(chunk)
-    ctx.all_reduce(counts)
-    model.train(was_training)
-    acc = (counts[:-1] / counts[-1].clamp_min(1)).tolist()
-    return acc[0], dict(zip(heads, acc[1:], strict=True))
 
 
 class _LogWindow:
@@ -117,13 +99,168 @@ class _LogWindow:
         return out
 
 
-def _labeled_batch(data: SSLData, idx: torch.Tensor, device: torch.device):
-    ds = data.labeled
-    return (
-        ds.images[idx].to(device, non_blocking=True),
-        ds.labels[idx].to(device, non_blocking=True),
-        idx.to(device),
+@dataclass
+class Run:
+    """Everything one worker's loop holds for a run (built by :func:`build_run`)."""
+
+    cfg: RunConfig
+    ctx: StepContext
+    method: Method
+    model: nn.Module  # as called in training (DDP-wrapped when distributed)
+    raw: nn.Module
+    ema: ModelEMA | None
+    optimizer: torch.optim.Optimizer
+    start: int
+    best: dict[str, float]
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.raw
+
+    @property
+    def extras(self) -> dict[str, nn.Module]:
+        return self.ctx.modules
+
+
+def build_student(cfg: RunConfig, data: SSLData) -> nn.Module:
+    """The registered model for ``cfg`` around ``data``'s shape, as the method configures it."""
+    c, h, _ = data.image_shape
+    raw = build_model(
+        cfg.model.name,
+        num_classes=data.num_classes,
+        in_channels=c,
+        image_size=h,
+        bn_momentum=cfg.model.resolved_bn_momentum(cfg.train.steps),
+        **cfg.model.args(),
     )
+    return METHODS.get(cfg.method.name).configure_model(raw, cfg, data.image_shape)  # e.g. TSKD's exits
+
+
+def build_run(cfg: RunConfig, session: Session, teacher_dir: str | Path | None) -> Run:
+    """Phase 1: data, student (configured by the method, prepared for DDP), teacher, context,
+    method (``setup``), EMA copy and optimiser."""
+    t, device = cfg.train, session.device
+    data = data_of(cfg)
+    torch.manual_seed(t.seed)  # identical initialisation on every rank
+    raw = build_student(cfg, data)
+    channels_last = t.channels_last and device.type == "cuda"
+    if channels_last:
+        raw = raw.to(memory_format=torch.channels_last)
+    model = session.prepare_model(raw)
+    raw = unwrap(model)
+
+    teacher = teacher_run = None
+    if cfg.teacher is not None:
+        if teacher_dir is None:
+            raise ValueError("this run has a teacher: pass teacher_dir (raykd.train.teacher.ensure_teacher)")
+        teacher, teacher_run = load_teacher(teacher_dir, device), teacher_config(teacher_dir)
+    ctx = StepContext(
+        run=cfg,
+        data=data,
+        device=device,
+        rank=session.rank,
+        world_size=session.world_size,
+        model=model,
+        raw_model=raw,
+        augmenter=Augmenter(hflip=data.hflip, ra_num_ops=t.ra_num_ops, mean=data.mean, std=data.std),
+        generator=torch.Generator(device=device),
+        channels_last=channels_last,
+        teacher=teacher,
+        teacher_run=teacher_run,
+        teacher_dir=Path(teacher_dir) if teacher is not None else None,
+        prepare=session.prepare_model,
+    )
+    method: Method = METHODS.get(cfg.method.name)(ctx)
+    ctx.method = method
+    method.setup()  # may register extra trainable modules
+    ema = ModelEMA(raw, t.ema) if t.ema > 0 else None  # after setup: a method may initialise the student
+    optimizer = torch.optim.SGD(
+        param_groups([raw, *map(unwrap, ctx.modules.values())], t.weight_decay),
+        lr=t.lr,
+        momentum=t.momentum,
+        nesterov=t.nesterov and t.momentum > 0,
+    )
+    best = {"best_val_acc": -1.0, "test_acc_at_best_val": float("nan"), "best_test_acc": -1.0}
+    return Run(cfg, ctx, method, model, raw, ema, optimizer, 0, best)
+
+
+def restore(run: Run, ckpt: Path | None) -> None:
+    """Phase 2: load the latest checkpoint (model, extras, EMA, optimiser, method state, step)."""
+    if ckpt is None:
+        return
+    state = torch.load(Path(ckpt) / STATE_FILE, map_location=run.ctx.device, weights_only=True)
+    run.raw.load_state_dict(state["model"])
+    for name, m in run.extras.items():
+        unwrap(m).load_state_dict(state["extras"][name])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.method.load_state_dict(state["method"])
+    run.start, run.best = int(state["step"]), dict(state["best"])
+
+
+def _batch(run: Run, step: int, lab: GlobalBatchSampler, unl: GlobalBatchSampler | None) -> Batch:
+    data, device = run.ctx.data, run.ctx.device
+    idx = lab.indices(step)
+    x = data.labeled.images[idx].to(device, non_blocking=True)
+    y = data.labeled.labels[idx].to(device, non_blocking=True)
+    u = u_idx = u_y = None
+    if unl is not None:
+        u_idx_cpu = unl.indices(step)
+        u = data.unlabeled.images[u_idx_cpu].to(device, non_blocking=True)
+        u_y = data.unlabeled.labels[u_idx_cpu].to(device, non_blocking=True)
+        u_idx = u_idx_cpu.to(device)
+    return Batch(x=x, y=y, idx=idx.to(device), u=u, u_idx=u_idx, u_y=u_y, step=step)
+
+
+def train_one_step(run: Run, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Phase 3, every step: seed the augmentations, set the learning rate, loss, backward, SGD, EMA."""
+    cfg, step = run.cfg, batch.step
+    # augmentation randomness is a function of (seed, rank, step): a resumed run repeats it exactly
+    run.ctx.generator.manual_seed(((cfg.train.seed * 1_000_003 + run.ctx.rank) * 1_000_003 + step) % (2**63))
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(cfg, step)
+    loss, logs = run.method.train_step(batch)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    if run.ema is not None:
+        run.ema.update(run.raw)
+    return loss, logs
+
+
+def evaluate_run(run: Run, metrics: dict[str, Any]) -> None:
+    """Phase 4, at each evaluation: BN buffers from rank 0, the method's hook, test (and validation)
+    accuracy of the evaluated model and of every named head, the best-so-far bookkeeping."""
+    ctx, best, data, eval_model = run.ctx, run.best, run.ctx.data, run.eval_model
+    for module in (run.raw, eval_model):
+        ctx.broadcast_buffers(module)
+    run.method.on_evaluation_start(eval_model)
+    metrics["test_acc"], heads = ctx.evaluate(eval_model, data.test)
+    metrics.update({f"test_{h}_acc": v for h, v in heads.items()})
+    best["best_test_acc"] = max(best["best_test_acc"], metrics["test_acc"])
+    metrics["best_test_acc"] = best["best_test_acc"]
+    if data.val is not None:
+        metrics["val_acc"], heads = ctx.evaluate(eval_model, data.val)
+        metrics.update({f"val_{h}_acc": v for h, v in heads.items()})
+        if metrics["val_acc"] > best["best_val_acc"]:
+            best["best_val_acc"], best["test_acc_at_best_val"] = metrics["val_acc"], metrics["test_acc"]
+        metrics["best_val_acc"] = best["best_val_acc"]
+        metrics["test_acc_at_best_val"] = best["test_acc_at_best_val"]
+    metrics["evaluated"] = "ema" if run.ema is not None else "raw"
+
+
+def checkpoint_state(run: Run, step: int) -> dict[str, Any]:
+    """Phase 5, at each evaluation (rank 0): everything :func:`restore` needs."""
+    return {
+        "model": run.raw.state_dict(),
+        "ema": run.ema.state_dict() if run.ema is not None else {},
+        "extras": {k: unwrap(m).state_dict() for k, m in run.extras.items()},
+        "optimizer": run.optimizer.state_dict(),
+        "method": run.method.state_dict(),
+        "step": step,
+        "best": run.best,
+    }
 
 
 def train_loop(
@@ -138,7 +275,7 @@ def train_loop(
 
     Args:
         cfg: the resolved run config.
-        session: where the loop runs (Ray Train worker or in-process).
+        session: where the loop runs (Ray Train worker, inline Tune trial or in-process).
         run_dir: the run folder (absolute when on Ray); rank 0 appends ``progress.jsonl`` there.
         stop_at: stop after the report at this step (simulates an interruption; for tests).
         on_end: called on every rank with the context and method after the last step (tests use it
@@ -146,107 +283,30 @@ def train_loop(
         teacher_dir: the teacher's run folder (from :func:`raykd.train.teacher.ensure_teacher`) when
             the method needs a teacher.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(run_dir)
+    folder.path.mkdir(parents=True, exist_ok=True)
     t, device = cfg.train, session.device
-    rank, world = session.rank, session.world_size
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
 
-    data = data_of(cfg)
-    torch.manual_seed(t.seed)  # identical initialisation on every rank
-    c, h, _ = data.image_shape
-    raw = build_model(
-        cfg.model.name,
-        num_classes=data.num_classes,
-        in_channels=c,
-        image_size=h,
-        bn_momentum=cfg.model.resolved_bn_momentum(t.steps),
-        **cfg.model.args(),
-    )
-    raw = METHODS.get(cfg.method.name).wrap_model(raw, cfg, data.image_shape)  # e.g. TSKD's exits
-    channels_last = t.channels_last and device.type == "cuda"
-    if channels_last:
-        raw = raw.to(memory_format=torch.channels_last)
-    model = session.prepare_model(raw)
-    raw = unwrap(model)
+    run = build_run(cfg, session, teacher_dir)
+    restore(run, session.latest_checkpoint())
+    run.method.on_train_start()
 
-    augmenter = Augmenter(hflip=data.hflip, ra_num_ops=t.ra_num_ops, mean=data.mean, std=data.std)
-    generator = torch.Generator(device=device)
-    teacher = None
-    if cfg.teacher is not None:
-        if teacher_dir is None:
-            raise ValueError("this run has a teacher: pass teacher_dir (raykd.train.teacher.ensure_teacher)")
-        teacher = load_teacher(teacher_dir, device)
-    ctx = StepContext(
-        run=cfg,
-        data=data,
-        device=device,
-        rank=rank,
-        world_size=world,
-        model=model,
-        raw_model=raw,
-        augmenter=augmenter,
-        generator=generator,
-        channels_last=channels_last,
-        teacher=teacher,
-        teacher_dir=Path(teacher_dir) if teacher is not None else None,
-    )
-    method: Method = METHODS.get(cfg.method.name)(ctx)
-    method.setup()
-    ema = ModelEMA(raw, t.ema) if t.ema > 0 else None  # after setup: a method may initialise the student
-    extras = {name: session.prepare_model(m) for name, m in method.extra_modules().items()}
-    ctx.extras.update(extras)  # methods call their extra modules through these (DDP-wrapped when distributed)
-    optimizer = torch.optim.SGD(
-        param_groups([raw, *map(unwrap, extras.values())], t.weight_decay),
-        lr=t.lr,
-        momentum=t.momentum,
-        nesterov=t.nesterov and t.momentum > 0,
-    )
-
-    start, best = 0, {"best_val_acc": -1.0, "test_acc_at_best_val": float("nan"), "best_test_acc": -1.0}
-    ckpt = session.latest_checkpoint()
-    if ckpt is not None:
-        state = torch.load(Path(ckpt) / CHECKPOINT_FILE, map_location=device, weights_only=True)
-        raw.load_state_dict(state["model"])
-        for name, m in extras.items():
-            unwrap(m).load_state_dict(state["extras"][name])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        method.load_state_dict(state["method"])
-        start, best = int(state["step"]), dict(state["best"])
-    method.before_training()
-
-    lab_sampler = GlobalBatchSampler(len(data.labeled), t.batch_size, rank, world, seed=2 * t.seed)
-    unl_sampler = None
-    if method.uses_unlabeled and t.uratio > 0:
-        unl_sampler = GlobalBatchSampler(len(data.unlabeled), t.batch_size * t.uratio, rank, world, seed=2 * t.seed + 1)
-    eval_model = ema.module if ema is not None else raw
-    views = 1 + (2 * t.uratio if unl_sampler is not None else 0)
+    ctx, rank, world = run.ctx, session.rank, session.world_size
+    lab = GlobalBatchSampler(len(ctx.data.labeled), t.batch_size, rank, world, seed=2 * t.seed)
+    unl = None
+    if cfg.method.uses_unlabeled and t.uratio > 0:
+        unl = GlobalBatchSampler(len(ctx.data.unlabeled), t.batch_size * t.uratio, rank, world, seed=2 * t.seed + 1)
+    views = 1 + (2 * t.uratio if unl is not None else 0)
 
     window = _LogWindow(device)
     metrics: dict[str, Any] = {}
     t_window, steps_window = time.perf_counter(), 0
-    model.train()
-    for step in range(start, t.steps):
-        x, y, idx = _labeled_batch(data, lab_sampler.indices(step), device)
-        u = u_idx = u_y = None
-        if unl_sampler is not None:
-            u_idx_cpu = unl_sampler.indices(step)
-            u = data.unlabeled.images[u_idx_cpu].to(device, non_blocking=True)
-            u_y = data.unlabeled.labels[u_idx_cpu].to(device, non_blocking=True)
-            u_idx = u_idx_cpu.to(device)
-        # augmentation randomness is a function of (seed, rank, step): a resumed run repeats it exactly
-        generator.manual_seed(((t.seed * 1_000_003 + rank) * 1_000_003 + step) % (2**63))
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        loss, logs = method.train_step(Batch(x=x, y=y, idx=idx, u=u, u_idx=u_idx, u_y=u_y, step=step))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if ema is not None:
-            ema.update(raw)
+    run.model.train()
+    for step in range(run.start, t.steps):
+        batch = _batch(run, step, lab, unl)
+        loss, logs = train_one_step(run, batch)
         window.add({"loss": loss.detach(), **logs})
         steps_window += 1
 
@@ -257,7 +317,8 @@ def train_loop(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t_window
-        sizes = ctx.all_reduce(torch.tensor([x.shape[0], 0 if u is None else u.shape[0]], device=device))
+        sizes = ctx.all_reduce(torch.tensor([batch.x.shape[0], 0 if batch.u is None else batch.u.shape[0]],
+                                            device=device))  # fmt: skip
         metrics = {
             "step": done,
             "epoch": math.ceil(done / t.eval_every),
@@ -268,42 +329,19 @@ def train_loop(
             "global_ubatch": int(sizes[1]),
             "world_size": world,
         }
-        for module in (raw, eval_model):
-            ctx.broadcast_buffers(module)
-        method.before_evaluation(eval_model)
-        metrics["test_acc"], heads = evaluate_all(method, eval_model, data.test, ctx, t.eval_batch_size)
-        metrics.update({f"test_{h}_acc": v for h, v in heads.items()})
-        best["best_test_acc"] = max(best["best_test_acc"], metrics["test_acc"])
-        metrics["best_test_acc"] = best["best_test_acc"]
-        if data.val is not None:
-            metrics["val_acc"], heads = evaluate_all(method, eval_model, data.val, ctx, t.eval_batch_size)
-            metrics.update({f"val_{h}_acc": v for h, v in heads.items()})
-            if metrics["val_acc"] > best["best_val_acc"]:
-                best["best_val_acc"], best["test_acc_at_best_val"] = metrics["val_acc"], metrics["test_acc"]
-            metrics["best_val_acc"] = best["best_val_acc"]
-            metrics["test_acc_at_best_val"] = best["test_acc_at_best_val"]
-        metrics["evaluated"] = "ema" if ema is not None else "raw"
+        evaluate_run(run, metrics)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt_dir = None
             if rank == 0:
-                state = {
-                    "model": raw.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else {},
-                    "extras": {k: unwrap(m).state_dict() for k, m in extras.items()},
-                    "optimizer": optimizer.state_dict(),
-                    "method": method.state_dict(),
-                    "step": done,
-                    "best": best,
-                }
-                torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+                torch.save(checkpoint_state(run, done), Path(tmp) / STATE_FILE)
                 ckpt_dir = Path(tmp)
-                append_progress(run_dir, metrics)
+                folder.append_progress(metrics)
                 if done == t.steps:  # before the report: a scheduler may end the run at its last report
-                    write_result(run_dir, metrics)
+                    folder.write_result(metrics)
             session.report(metrics, ckpt_dir)
         t_window, steps_window = time.perf_counter(), 0
         if done == stop_at:
             break
     if on_end is not None:
-        on_end(ctx, method)
+        on_end(ctx, run.method)
     return metrics

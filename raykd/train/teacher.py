@@ -15,21 +15,17 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch import nn
 
-from raykd.config import RunConfig, class_mismatch, dump_run_config, parse_run_config
+from raykd.config import RunConfig, class_mismatch
 from raykd.errors import ConfigError
-
-if TYPE_CHECKING:
-    from raykd.train.context import StepContext
+from raykd.registry import METHODS
+from raykd.train.runfolder import CONFIG_FILE, STATE_FILE, RunFolder
 
 TEACHERS_DIR = "teachers"
-STATE_FILE = "state.pt"
 
 
 def teacher_hash(cfg: RunConfig) -> str:
@@ -40,7 +36,7 @@ def teacher_hash(cfg: RunConfig) -> str:
 
 def _find_run_folder(path: Path) -> Path:
     for d in [path, *path.parents]:
-        if (d / "config.yaml").is_file():
+        if (d / CONFIG_FILE).is_file():
             return d
     raise ConfigError("teacher.checkpoint", f"{path} is not inside a raykd run folder (no config.yaml found); "
                       "point it at the folder `raykd train` wrote")  # fmt: skip
@@ -48,8 +44,7 @@ def _find_run_folder(path: Path) -> Path:
 
 def teacher_config(path: str | Path) -> RunConfig:
     """The run config of the raykd run folder that holds ``path`` (a run folder or a file in one)."""
-    run_dir = _find_run_folder(Path(path).resolve())
-    return parse_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    return RunFolder(_find_run_folder(Path(path).resolve())).config(field="teacher.checkpoint")
 
 
 def ensure_teacher(cfg: RunConfig, cache_root: Path, train: Callable[[RunConfig, Path], object]) -> Path | None:
@@ -71,10 +66,11 @@ def ensure_teacher(cfg: RunConfig, cache_root: Path, train: Callable[[RunConfig,
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f"{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second driver waits here, then finds the result
-        if not (folder / "result.json").exists():
-            (folder / "config.yaml").write_text(dump_run_config(cfg.teacher.run))
+        run = RunFolder(folder)
+        if not run.finished:
+            run.write_config(cfg.teacher.run)
             train(cfg.teacher.run, folder)
-        if not (folder / "result.json").exists():
+        if not run.finished:
             raise RuntimeError(f"training the teacher in {folder} did not finish")
     return folder
 
@@ -98,25 +94,21 @@ def prepare_teacher(cfg: RunConfig, cache_root: Path, address: str | None = None
 
 
 def _latest_state(path: Path) -> Path:
+    """The teacher's state file: ``path`` itself, ``path/state.pt``, or the final checkpoint of the run
+    folder ``path``."""
     if path.is_file():
         return path
     if (path / STATE_FILE).is_file():
         return path / STATE_FILE
-    found = sorted(path.glob(f"**/checkpoint*/{STATE_FILE}")) + sorted(path.glob(f"checkpoints/*/{STATE_FILE}"))
-    if not found:
+    found = RunFolder(path).final_state()
+    if found is None:
         raise ConfigError("teacher.checkpoint", f"no {STATE_FILE} under {path}; train the teacher first")
-    result = path / "result.json"
-    if result.exists():  # the checkpoint the finished run reported last
-        ckpt = json.loads(result.read_text()).get("checkpoint")
-        if ckpt and (Path(ckpt) / STATE_FILE).is_file():
-            return Path(ckpt) / STATE_FILE
-    return max(found, key=lambda p: p.stat().st_mtime)
+    return found
 
 
 def load_teacher(path: str | Path, device: torch.device) -> nn.Module:
     """Build the teacher from its run folder and load its evaluated weights, frozen, on ``device``."""
     from raykd.data import data_of
-    from raykd.methods import METHODS
     from raykd.models import build_model
 
     path = Path(path)
@@ -125,7 +117,7 @@ def load_teacher(path: str | Path, device: torch.device) -> nn.Module:
     c, h, _ = data.image_shape
     model = build_model(tcfg.model.name, num_classes=data.num_classes, in_channels=c, image_size=h,
                         bn_momentum=tcfg.model.resolved_bn_momentum(tcfg.train.steps), **tcfg.model.args())  # fmt: skip
-    model = METHODS.get(tcfg.method.name).wrap_model(model, tcfg, data.image_shape)  # as its run trained it
+    model = METHODS.get(tcfg.method.name).configure_model(model, tcfg, data.image_shape)  # as its run trained it
     state = torch.load(_latest_state(path), map_location="cpu", weights_only=True)
     weights = state["ema"]["module"] if state.get("ema") else state["model"]
     model.load_state_dict(weights)
@@ -140,24 +132,27 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def teacher_table(ctx: StepContext, prefix: str, key: object, build: Callable[[], dict]) -> dict:
+def teacher_table(
+    teacher_dir: str | Path, rank: int, world_size: int, prefix: str, key: object, build: Callable[[], dict]
+) -> dict:
     """A per-sample table derived from the frozen teacher (trusted labels, α/k, ...), identical on every rank.
 
     Rank 0 calls ``build()`` once per ``key`` (any JSON-able description of everything the table
     depends on) under a file lock — concurrent trials with the same setting build it once — and saves
     it beside the teacher as ``<prefix>-<hash of key>.pt``; after a barrier every rank loads that file.
+    Methods reach it as ``ctx.teacher_table(prefix, key, build)``.
     """
-    folder = Path(ctx.teacher_dir)
+    folder = Path(teacher_dir)
     folder = folder if folder.is_dir() else folder.parent  # teacher.checkpoint may name a state.pt
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = folder / f"{prefix}-{digest}.pt"
-    if ctx.rank == 0:
+    if rank == 0:
         with open(path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not path.exists():
                 tmp = path.with_suffix(".tmp")
                 torch.save(build(), tmp)
                 tmp.replace(path)
-    if ctx.world_size > 1 and dist.is_initialized():
+    if world_size > 1 and dist.is_initialized():
         dist.barrier()  # every rank reads rank 0's table
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -22,10 +22,19 @@ from typing import Any
 from torch import nn
 
 from raykd.config import RunConfig, parse_run_config
-from raykd.train.context import RESULT_FILE, write_result
 from raykd.train.loop import train_loop
+from raykd.train.runfolder import PROGRESS_FILE, TRAIN_RUN_NAME, RunFolder
 
-TRAIN_RUN_NAME = "train"
+
+def worker_bundle(cfg: RunConfig) -> dict[str, float]:
+    """What one worker reserves: ``cpus_per_worker`` CPUs, ``gpus_per_worker`` GPUs (when ``use_gpu``)
+    and the extra ``resources_per_worker``."""
+    s = cfg.scaling
+    bundle = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        bundle["GPU"] = s.gpus_per_worker
+    bundle.update(s.resources_per_worker)
+    return bundle
 
 
 def with_node_id(metrics: dict[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
@@ -34,11 +43,11 @@ def with_node_id(metrics: dict[str, Any], run_dir: Path | None = None) -> dict[s
     import ray
 
     node_id = ray.get_runtime_context().get_node_id()
-    path = Path(run_dir) / RESULT_FILE if run_dir is not None else None
-    if path is not None and path.exists():
-        record = json.loads(path.read_text())
-        if record.get("node_id") != node_id:
-            write_result(Path(run_dir), {**record, "node_id": node_id})
+    if run_dir is not None:
+        folder = RunFolder(run_dir)
+        record = folder.result()
+        if record is not None and record.get("node_id") != node_id:
+            folder.write_result({**record, "node_id": node_id})
     return {**metrics, "node_id": node_id}
 
 
@@ -117,8 +126,12 @@ class _ProgressTail(threading.Thread):
         lines = chunk.split("\n")
         self.pos += len(chunk) - len(lines[-1])  # keep a partial last line for the next poll
         for line in lines[:-1]:
-            if line.strip():
-                print(format_progress(json.loads(line), self.steps), file=self.out, flush=True)
+            try:
+                rec = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash; RunFolder.progress warns about it
+            if isinstance(rec, dict):
+                print(format_progress(rec, self.steps), file=self.out, flush=True)
 
     def run(self) -> None:
         while not self.stop.wait(0.5):
@@ -210,8 +223,6 @@ def build_trainer(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s, t = cfg.scaling, cfg.train
-    from raykd.tune.trial import worker_bundle
-
     resources = worker_bundle(cfg)  # CPUs, GPUs when use_gpu, and scaling.resources_per_worker
     return TorchTrainer(
         _worker_fn,
@@ -256,7 +267,7 @@ def run_training(
     s, t = cfg.scaling, cfg.train
     init_ray(s.num_workers * s.cpus_per_worker, address, verbose)
     trainer = build_trainer(cfg, run_dir, teacher_dir, stop_at=stop_at, controller_failure_limit=1)
-    tail = _ProgressTail(run_dir / "progress.jsonl", t.steps, out)
+    tail = _ProgressTail(run_dir / PROGRESS_FILE, t.steps, out)
     tail.start()
     started = time.time()
     try:
@@ -266,9 +277,7 @@ def run_training(
         tail.join()
     metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
     metrics["wall_s"] = time.time() - started
-    result_path = run_dir / RESULT_FILE
-    if result_path.exists():  # written by rank 0 at the last step; add what only the driver knows
-        record = json.loads(result_path.read_text())
-        record.update(wall_s=metrics["wall_s"], checkpoint=result.checkpoint.path if result.checkpoint else None)
-        write_result(run_dir, record)
+    folder = RunFolder(run_dir)  # result.json was written by rank 0 at the last step; add what only the driver knows
+    folder.update_result(wall_s=metrics["wall_s"], checkpoint=folder.relative(result.checkpoint.path if
+                                                                              result.checkpoint else None))  # fmt: skip
     return metrics

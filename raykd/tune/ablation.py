@@ -19,22 +19,17 @@ from typing import Any
 
 import yaml
 
-from raykd.config import AblationConfig, parse_config, read_yaml
+from raykd.config import parse_config, read_yaml
 from raykd.data import data_of
 from raykd.errors import ConfigError
 from raykd.train.teacher import prepare_teacher
+from raykd.tune.config import AblationConfig
+from raykd.tune.progress import ProgressTable
+from raykd.tune.records import TUNE_DIR, collect_trials
+from raykd.tune.resources import cluster_nodes, concurrency, init_ray_for
 from raykd.tune.space import check_key, check_metric, with_params
 from raykd.tune.storage import check_shared
-from raykd.tune.study import (
-    TUNE_DIR,
-    ProgressTable,
-    _trial_dirname,
-    cluster_nodes,
-    collect_trials,
-    concurrency,
-    init_ray_for,
-    make_trainable,
-)
+from raykd.tune.trial import make_trainable, trial_dirname
 
 ABLATION_FILE = "ablation.yaml"
 SEED_KEYS = ("train.seed", "data.seed")
@@ -131,7 +126,7 @@ def run(abl: AblationConfig, address: str | None = None) -> int:
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=max_conc,
-                                        trial_dirname_creator=_trial_dirname),
+                                        trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
                 name=TUNE_DIR, storage_path=str(folder.resolve()), verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=abl.base.train.keep_checkpoints),

@@ -15,22 +15,17 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from raykd.config import (
-    DISTRIBUTIONS,
-    RunConfig,
-    StudyConfig,
-    TrainConfig,
-    parse_run_config,
-    search_range,
-    set_dotted,
-)
+from raykd.config import DISTRIBUTIONS, RunConfig, TrainConfig, parse_run_config, search_range, set_dotted
 from raykd.errors import ConfigError
-from raykd.models import MODELS
+from raykd.registry import MODELS
 from raykd.train.loop import LOOP_METRICS, VAL_METRICS
+
+if TYPE_CHECKING:
+    from raykd.tune.config import StudyConfig
 
 SECTIONS = ("data", "model", "method", "train", "scaling")
 NOT_SEARCHABLE = {"method.name": "each method has its own knobs: run one study per method"}
@@ -148,10 +143,8 @@ def resolve_search(study: StudyConfig) -> dict[str, Dist]:
 
 def reported_metrics(base: RunConfig) -> set[str]:
     """Every metric a run of ``base`` reports at each evaluation."""
-    from raykd.methods import METHODS
-
-    method = METHODS.get(base.method.name)
-    metrics = set(LOOP_METRICS) | set(method.logs) | set(method.eval_metrics(base))
+    facts = type(base.method)  # the method's static facts (its Config)
+    metrics = set(LOOP_METRICS) | set(facts.logs(base)) | set(facts.eval_metrics(base))
     if base.data.val_per_class > 0:
         metrics |= set(VAL_METRICS)
     return metrics

@@ -14,28 +14,23 @@ Each trial's folder ``<study>/trials/<trial_id>/`` is a run folder like ``raykd 
 Train-in-Tune trials; inline trials' checkpoints are Tune's, under ``<study>/tune/<trial_id>/``).
 A trial whose ``result.json`` exists is never trained again: it re-reports its result and returns.
 ``result.json`` also records ``node_id``, the Ray node that ran rank 0 (inline: the trial process).
-
-Resources (docs/cluster.md has the packing table): one worker reserves :func:`worker_bundle`
-(``cpus_per_worker`` CPUs, ``gpus_per_worker`` GPUs when ``use_gpu``, plus ``resources_per_worker``).
-An inline trial's process holds that bundle itself; a Train-in-Tune trial's process holds a sliver of
-a CPU and its ``num_workers`` Train workers hold one bundle each.  :func:`trials_that_fit` is how many
-trials a set of nodes runs at once.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from raykd.config import RunConfig, dump_run_config
-from raykd.train.context import RESULT_FILE
-
-TRIALS_DIR = "trials"
+from raykd.config import RunConfig
+from raykd.train.runfolder import RunFolder
+from raykd.tune.records import TRIALS_DIR
+from raykd.tune.resources import trial_resources
+from raykd.tune.space import with_params
+from raykd.tune.storage import join, node_local_root
 
 
 class TuneInlineSession:
@@ -66,67 +61,6 @@ class TuneInlineSession:
         return model.to(self.device)
 
 
-#: CPU share a Train-in-Tune trial's own process asks for (it only drives the TorchTrainer; Tune rejects 0)
-DRIVER_CPU = 0.01
-
-
-def worker_bundle(cfg: RunConfig) -> dict[str, float]:
-    """What one worker reserves: ``cpus_per_worker`` CPUs, ``gpus_per_worker`` GPUs (when ``use_gpu``)
-    and the extra ``resources_per_worker``."""
-    s = cfg.scaling
-    bundle = {"CPU": s.cpus_per_worker}
-    if s.use_gpu:
-        bundle["GPU"] = s.gpus_per_worker
-    bundle.update(s.resources_per_worker)
-    return bundle
-
-
-def trial_resources(cfg: RunConfig) -> dict[str, float]:
-    """Resources Tune reserves for the trial process itself.
-
-    Inline trials train in that process, so it gets the worker's bundle; a Train-in-Tune trial's
-    process only drives the TorchTrainer (whose workers reserve their own bundles), so it asks for a
-    sliver of a CPU.
-    """
-    if cfg.scaling.num_workers > 1:
-        return {"CPU": DRIVER_CPU}
-    return worker_bundle(cfg)
-
-
-def trial_needs(cfg: RunConfig) -> dict[str, float]:
-    """Everything one running trial holds: its process plus its Train workers."""
-    n = cfg.scaling.num_workers
-    need = {k: n * v for k, v in worker_bundle(cfg).items()}
-    if n > 1:
-        need["CPU"] += DRIVER_CPU
-    return need
-
-
-def _fits(have: dict[str, float], need: dict[str, float]) -> int:
-    """How many copies of ``need`` fit in ``have`` (Ray keeps 4 decimals; the epsilon absorbs rounding)."""
-    return min(math.floor(have.get(k, 0.0) / v + 1e-6) for k, v in need.items() if v > 0)
-
-
-def trials_that_fit(cfg: RunConfig, nodes: list[dict[str, float]]) -> int:
-    """How many trials of ``cfg`` run at once on ``nodes`` (each node's total resources).
-
-    Inline trials (1 worker) pack per node: a node runs as many as its scarcest resource allows, e.g.
-    ``gpus_per_worker: 0.25`` puts 4 trials on each GPU.  A Train-in-Tune trial needs ``num_workers``
-    worker bundles; Ray Train places them with its PACK strategy (one node when one has room, else
-    spread), so the trials that fit are the bundles that fit, divided by ``num_workers``, and never
-    more than the cluster's totals allow (drivers included).
-    """
-    bundle, n = worker_bundle(cfg), cfg.scaling.num_workers
-    per_node = sum(_fits(node, bundle) for node in nodes)
-    if n == 1:
-        return per_node
-    totals: dict[str, float] = {}
-    for node in nodes:
-        for k, v in node.items():
-            totals[k] = totals.get(k, 0.0) + v
-    return min(per_node // n, _fits(totals, trial_needs(cfg)))
-
-
 def run_trial(
     cfg: RunConfig, run_dir: Path, teacher_dir: str | None = None, train_storage: str | None = None
 ) -> dict[str, Any]:
@@ -137,12 +71,12 @@ def run_trial(
     from ray import tune
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    result_path = run_dir / RESULT_FILE
-    if result_path.exists():  # finished before the driver was interrupted: keep it, never re-run
-        metrics = json.loads(result_path.read_text())
+    folder = RunFolder(run_dir)
+    metrics = folder.result()
+    if metrics is not None:  # finished before the driver was interrupted: keep it, never re-run
         tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
         return metrics
-    (run_dir / "config.yaml").write_text(dump_run_config(cfg))
+    folder.write_config(cfg)
     if cfg.scaling.num_workers == 1:
         from raykd.train.loop import train_loop
 
@@ -164,3 +98,47 @@ def _fit_train_in_tune(
                             storage_path=train_storage)  # fmt: skip
     result = trainer.fit()
     return {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_") and k != "checkpoint_path"}
+
+
+def make_trainable(
+    base: RunConfig,
+    keys: list[str],
+    study_dir: Path,
+    seed_keys: tuple[str, ...] = (),
+    teacher_dir: Path | dict[int, Path] | None = None,
+    remote: str | None = None,
+):
+    """The Tune trainable of a study (``keys`` = the searched knobs) or an ablation (the grid knobs;
+    the trial's ``seed`` param goes to every key of ``seed_keys``), with the trial's resources.  The
+    teacher, if any, was trained by the driver beforehand (``teacher_dir``, or one per seed); trials
+    only load it.  With ``remote`` (cloud storage ``<uri>/<name>``) a trial writes its run folder in a
+    scratch folder of its node and its Train checkpoints to ``<remote>/trials/<id>``."""
+    from ray import tune
+
+    root, raw, name = str(study_dir.resolve()), base.model_dump(mode="json"), study_dir.name
+    if isinstance(teacher_dir, dict):
+        teachers = {seed: str(d) for seed, d in teacher_dir.items()}
+    else:
+        teachers = {None: str(teacher_dir) if teacher_dir else None}
+
+    def raykd_trial(config: dict[str, Any]) -> None:
+        params = {k: config[k] for k in keys}
+        params.update({k: config["seed"] for k in seed_keys})
+        trial_id = tune.get_context().get_trial_id()
+        teacher = teachers.get(config.get("seed"), teachers.get(None))
+        if remote is None:
+            run_trial(with_params(raw, params), Path(root) / TRIALS_DIR / trial_id, teacher_dir=teacher)
+        else:  # the driver rebuilds the trial folder from Tune's results; this node's copy is scratch
+            scratch = node_local_root(name) / TRIALS_DIR / trial_id
+            run_trial(with_params(raw, params), scratch, teacher_dir=teacher,
+                      train_storage=join(remote, TRIALS_DIR, trial_id))  # fmt: skip
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    return tune.with_resources(raykd_trial, trial_resources(base))
+
+
+
+
+def trial_dirname(trial) -> str:
+    """Tune's trial folder name: the trial id (the same name as the trial's run folder)."""
+    return trial.trial_id

@@ -1,0 +1,68 @@
+"""Typed study and ablation files (pydantic v2, unknown keys rejected), above the run config.
+
+A study file is ``name``, ``base`` (a run config), ``search`` and ``tune``; an ablation file is
+``name``, ``base``, ``grid``, ``seeds`` and ``metric``.  docs/studies.md describes every key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from raykd.config import RunConfig, Strict
+from raykd.tune.storage import check_storage
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class TuneSettings(Strict):
+    """How a study searches (the ``tune`` section)."""
+
+    num_samples: int = Field(8, ge=1, description="trials in the study")
+    metric: str = Field("val_acc", description="metric to optimise (val_acc needs base.data.val_per_class > 0)")
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "none"] = Field("asha", description="early stopping over evaluation rounds")
+    grace_period: int = Field(1, ge=1, description="ASHA: evaluation rounds before a trial may be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep 1/reduction_factor at each rung")
+    max_concurrent: int | None = Field(None, ge=1, description="cap on concurrent trials (default: what fits)")
+    seed: int = Field(0, description="seed of the Optuna TPE sampler")
+    max_failures: int = Field(0, ge=0, description="restarts of a failed trial from its last checkpoint")
+    storage: str | None = Field(None, description="parent folder (or URI) of the study folder; default runs/")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        return check_storage(v, "tune.storage")
+
+
+class StudyConfig(Strict):
+    """A hyperparameter study: a base run config, the knobs to search and how to search them.
+
+    ``search`` maps dotted run-config keys to a distribution (``{uniform: [lo, hi]}``,
+    ``{loguniform: [lo, hi]}``, ``{int: [lo, hi]}``, ``{logint: [lo, hi]}``, ``{choice: [...]}``) or to
+    ``default`` (the range the method or train section declares for that knob).
+    """
+
+    name: str = Field(pattern=NAME_PATTERN)
+    base: RunConfig
+    search: dict[str, Any] = Field(min_length=1)
+    tune: TuneSettings = Field(default_factory=TuneSettings)
+
+
+class AblationConfig(Strict):
+    """A grid over one (or two) knobs × seeds; no searcher.  Each seed sets ``train.seed`` and
+    ``data.seed`` (the labeled split) together."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    base: RunConfig
+    grid: dict[str, list[Any]] = Field(min_length=1, max_length=2)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    metric: str = Field("test_acc", description="metric tabulated and plotted (final evaluation)")
+    max_concurrent: int | None = Field(None, ge=1)
+    storage: str | None = None
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        return check_storage(v, "storage", uri_ok=False)

@@ -1,0 +1,96 @@
+"""The live progress of a study or ablation: one line per trial event and a compact table."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from ray.tune import Callback
+
+from raykd.report import ranked_indices
+from raykd.tune.space import short_names
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def render_table(rows: list[dict[str, Any]], keys: list[str], metric: str, mode: str, steps: int) -> str:
+    """A compact table: trial, state, the searched knobs (short names), step, metric; the best trial
+    (by :func:`raykd.report.rank_trials`, the ranking export uses) marked ``*``."""
+    names = short_names(keys)
+    scored = [r for r in rows if _finite(r.get("metric"))]
+    as_records = [{"state": r["state"].lower(), "metrics": {metric: r.get("metric")}} for r in rows]
+    ranked = ranked_indices(as_records, metric, mode)
+    best = rows[ranked[0]] if ranked else None
+    header = ["", "trial", "state", *names.values(), "step", metric]
+    body = []
+    for r in rows:
+        step = r.get("step")
+        body.append(["*" if r is best else "", r["trial_id"], r["state"], *(_fmt(r["params"].get(k, "")) for k in keys),
+                     f"{step}/{steps}" if step is not None else "-",
+                     f"{r['metric']:.4f}" if r in scored else "-"])  # fmt: skip
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip() for line in [header, *body]]
+    return "\n".join(lines)
+
+
+class ProgressTable(Callback):
+    """Tune callback printing one line per trial event and a compact table every ``every_s`` seconds."""
+
+    def __init__(self, keys: list[str], metric: str, mode: str, steps: int, every_s: float = 20.0):
+        self.keys, self.metric, self.mode, self.steps, self.every_s = keys, metric, mode, steps, every_s
+        self._rows: dict[str, dict[str, Any]] = {}
+        self._last_print = 0.0
+        self._dirty = False
+
+    def _row(self, trial) -> dict[str, Any]:
+        row = self._rows.setdefault(trial.trial_id, {"trial_id": trial.trial_id, "state": "PENDING", "params": {},
+                                                     "step": None, "metric": None})  # fmt: skip
+        row["params"] = {k: trial.config.get(k) for k in self.keys}
+        return row
+
+    def _print_table(self, force: bool = False) -> None:
+        if not self._rows or not (force or (self._dirty and time.time() - self._last_print >= self.every_s)):
+            return
+        print(render_table(list(self._rows.values()), self.keys, self.metric, self.mode, self.steps), flush=True)
+        self._last_print, self._dirty = time.time(), False
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        row = self._row(trial)
+        row["state"] = "RUNNING"
+        knobs = " ".join(f"{n}={_fmt(row['params'][k])}" for k, n in short_names(self.keys).items())
+        print(f"trial {trial.trial_id} started: {knobs}", flush=True)
+        self._dirty = True
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        row = self._row(trial)
+        row["step"], row["metric"] = result.get("step"), result.get(self.metric)
+        self._dirty = True
+        self._print_table()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        row = self._row(trial)
+        row["state"] = "done" if row.get("step") == self.steps else "stopped"
+        what = "finished" if row["state"] == "done" else f"stopped early by the scheduler at step {row.get('step')}"
+        value = f"{row['metric']:.4f}" if isinstance(row.get("metric"), float) else "-"
+        print(f"trial {trial.trial_id} {what}: {self.metric} {value}", flush=True)
+        self._dirty = True
+        self._print_table()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._row(trial)["state"] = "ERROR"
+        print(f"trial {trial.trial_id} failed; its error is in {trial.local_path}/error.txt", flush=True)
+        self._dirty = True
+
+    def on_experiment_end(self, trials, **info):
+        self._print_table(force=True)
+
+

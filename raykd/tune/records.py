@@ -1,0 +1,107 @@
+"""Reading a study or ablation folder — while it runs and after — and the layout of its files.
+
+A study named N lands in ``<storage>/N/``::
+
+    study.yaml            the resolved study config (base with defaults merged)
+    optuna.db             the Optuna study (sqlite; ``optuna-dashboard sqlite:///.../optuna.db``)
+    tune/                 the Ray Tune experiment (tuner.pkl, experiment state, per-trial Tune logs
+                          with TensorBoard event files, inline trials' checkpoints)
+    trials/<trial_id>/    one run folder per trial (raykd.train.runfolder): config.yaml,
+                          progress.jsonl, result.json
+    best.yaml             the best trial's complete run config (+ metrics and provenance)
+    study.md, study_trials.csv, *.png   tables and plots (``raykd report``)
+
+An ablation folder is the same with ``ablation.yaml`` and ``ablation.csv/.md/.png``.  Ranking trials
+is :func:`raykd.report.rank_trials`, the one ranking that status, report and export share.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from raykd.report import rank_trials
+from raykd.train.runfolder import CONFIG_FILE, RunFolder
+
+STUDY_FILE = "study.yaml"
+TUNE_DIR = "tune"
+TRIALS_DIR = "trials"
+OPTUNA_DB = "optuna.db"
+#: trial id -> Tune status, kept by the cloud-storage mirror (the Tune experiment state is in the bucket)
+MIRRORED_STATES = "trial_states.json"
+
+__all__ = ["MIRRORED_STATES", "OPTUNA_DB", "STUDY_FILE", "TRIALS_DIR", "TUNE_DIR", "best_trial",
+           "collect_trials", "rank_trials"]  # fmt: skip
+
+
+def _dotted(raw: dict[str, Any], key: str) -> Any:
+    node: Any = raw
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _tune_states(study_dir: Path) -> dict[str, str]:
+    """Trial id → Tune status from the newest experiment-state file (empty if none yet); with cloud
+    storage, from the states the driver's :class:`TrialMirror` keeps in the working copy."""
+    files = sorted((study_dir / TUNE_DIR).glob("experiment_state-*.json"))
+    if not files:
+        try:
+            return json.loads((study_dir / MIRRORED_STATES).read_text())
+        except (json.JSONDecodeError, OSError):
+            return {}
+    try:
+        state = json.loads(files[-1].read_text())
+    except (json.JSONDecodeError, OSError):
+        return {}
+    out = {}
+    for entry in state.get("trial_data", []):
+        try:
+            meta = json.loads(entry[1]) if isinstance(entry, list) else {}
+            data = json.loads(entry[0]) if isinstance(entry, list) else entry
+        except (json.JSONDecodeError, TypeError, IndexError):
+            continue
+        trial_id = data.get("trial_id")
+        status = meta.get("status") or data.get("status")
+        if trial_id and status:
+            out[trial_id] = status
+    return out
+
+
+def collect_trials(study_dir: Path, keys: list[str], steps: int) -> list[dict[str, Any]]:
+    """Trial records (trial_id, state, params, metrics, history) from the trial folders, in the order
+    the trials started (their config.yaml's time, then their id).
+
+    state: ``done`` (reached train.steps), ``stopped`` (ended early by the scheduler), ``running``,
+    ``error``, or ``interrupted`` (the driver died while it ran; ``raykd study resume`` continues it).
+    A trial folder whose files cannot be read is skipped with a warning naming the file; the rest of
+    the study still reads.
+    """
+    tune_states = _tune_states(study_dir)
+    folders = sorted((study_dir / TRIALS_DIR).glob(f"*/{CONFIG_FILE}"),
+                     key=lambda p: (p.stat().st_mtime, p.parent.name))  # fmt: skip
+    records = []
+    for cfg_path in folders:
+        run = RunFolder(cfg_path.parent)
+        cfg = run.config_raw()
+        if cfg is None:
+            continue
+        history = run.progress()
+        result = run.result()
+        tune_state = tune_states.get(run.path.name, "")
+        if result is not None:
+            metrics, state = result, "done"
+        else:
+            metrics = history[-1] if history else {}
+            state = {"RUNNING": "running", "ERROR": "error", "TERMINATED": "stopped", "PENDING": "pending",
+                     "PAUSED": "paused"}.get(tune_state, "interrupted")  # fmt: skip
+        records.append({"trial_id": run.path.name, "state": state, "params": {k: _dotted(cfg, k) for k in keys},
+                        "metrics": metrics, "history": history})  # fmt: skip
+    return records
+
+
+def best_trial(records: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """The best trial by the one ranking (:func:`raykd.report.rank_trials`), or None."""
+    ranked = rank_trials(records, metric, mode)
+    return ranked[0] if ranked else None
