@@ -69,6 +69,19 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _read_mapping(path: Path, parse, consequence: str) -> dict[str, Any] | None:
+    """``parse`` of the file at ``path`` when it is a mapping; None when the file is missing, and None
+    with a warning naming it when it cannot be read (``consequence`` says what that means)."""
+    if not path.is_file():
+        return None
+    try:
+        value = parse(path.read_text(encoding="utf-8"))
+    except (ValueError, yaml.YAMLError, UnicodeDecodeError, OSError) as e:  # JSONDecodeError is a ValueError
+        warn(f"skipping {path}: unreadable ({type(e).__name__}){consequence}")
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     """The first dotted key where two raw configs differ, as ``key: old -> new``; None if equal."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -112,14 +125,7 @@ class RunFolder:
 
     def config_raw(self) -> dict[str, Any] | None:
         """``config.yaml`` as a raw mapping; None when missing or unreadable (with a warning)."""
-        if not self.config_path.is_file():
-            return None
-        try:
-            raw = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
-            warn(f"skipping {self.config_path}: unreadable ({type(e).__name__})")
-            return None
-        return raw if isinstance(raw, dict) else None
+        return _read_mapping(self.config_path, yaml.safe_load, "")
 
     def config(self, field: str = "config") -> RunConfig:
         """The validated run config; a missing or invalid one is a ConfigError on ``field``."""
@@ -163,14 +169,7 @@ class RunFolder:
 
     def result(self) -> dict[str, Any] | None:
         """``result.json`` (the finished run's metrics); None when missing or unreadable (with a warning)."""
-        if not self.result_path.is_file():
-            return None
-        try:
-            record = json.loads(self.result_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-            warn(f"skipping {self.result_path}: unreadable ({type(e).__name__}); the run counts as unfinished")
-            return None
-        return record if isinstance(record, dict) else None
+        return _read_mapping(self.result_path, json.loads, "; the run counts as unfinished")
 
     @property
     def finished(self) -> bool:
