@@ -60,6 +60,46 @@ _STATE_STYLE = {  # state -> (marker, filled, colour)
 
 
 # ----------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------- statistics
+def t_quantile(q: float, df: int) -> float:
+    """The ``q`` quantile of Student's t with ``df`` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(q, df))
+
+
+def paired_comparison(reference: Sequence[float], other: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """Paired comparison of two arms measured on the same seeds (``other[i]`` and ``reference[i]``
+    share seed i): the per-seed differences ``other − reference``, their mean, a two-sided ``level``
+    t-interval, the sign count, and the verdict read from the interval for the claim "other beats
+    reference": ``holds`` (the interval is above 0), ``does not hold`` (below 0) or ``inconclusive``
+    (it contains 0, or fewer than two seeds)."""
+    if len(reference) != len(other):
+        raise ValueError(f"paired arms need the same seeds: {len(reference)} vs {len(other)} values")
+    diffs = [float(b) - float(a) for a, b in zip(reference, other, strict=True)]
+    n = len(diffs)
+    mean = statistics.mean(diffs) if diffs else float("nan")
+    lo = hi = float("nan")
+    if n >= 2:
+        half = t_quantile(0.5 + level / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+        lo, hi = mean - half, mean + half
+    verdict = "inconclusive"
+    if n >= 2 and lo > 0:
+        verdict = "holds"
+    elif n >= 2 and hi < 0:
+        verdict = "does not hold"
+    return {"n": n, "diffs": diffs, "mean": mean, "lo": lo, "hi": hi, "level": level,
+            "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs), "verdict": verdict}  # fmt: skip
+
+
+def format_paired(c: dict[str, Any], digits: int = 4) -> str:
+    """``+0.0123 [+0.0040, +0.0206], 5/5 seeds up: holds`` (the interval at ``c['level']``)."""
+    if c["n"] < 2:
+        return f"{c['mean']:+.{digits}f} (n={c['n']}: no interval): inconclusive"
+    return (f"{c['mean']:+.{digits}f} [{c['lo']:+.{digits}f}, {c['hi']:+.{digits}f}], "
+            f"{c['wins']}/{c['n']} seeds up: {c['verdict']}")  # fmt: skip
+
+
 def metric_note(metric: str) -> str:
     """One line saying which metric is which, for the Markdown reports."""
     best_on_val = (

@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from raykd.data import data_of
 from raykd.data.augment import Augmenter
 from raykd.errors import ConfigError
 from raykd.methods import METHODS, Batch
-from raykd.methods.layermatch import averaged_prediction, averaged_targets, ema_bank_update, scale_grad
+from raykd.methods.layermatch import (
+    averaged_prediction,
+    averaged_targets,
+    centre_pull,
+    ema_bank_update,
+    scale_grad,
+    update_feature_centres,
+)
 from raykd.models import build_model
 from raykd.testing import flat_state, tiny_run_config
 from raykd.train.context import LocalSession, StepContext
@@ -70,7 +78,7 @@ def losses(method, seed: int = 1):
     return method.losses(batch_of(method))
 
 
-@pytest.mark.parametrize("avg_mode", ["none", "sample_ema", "center_ema", "ema_model"])
+@pytest.mark.parametrize("avg_mode", ["none", "sample_ema", "center_ema", "ema_model", "feature_center", "soft_avg"])
 def test_grad_relu_unlabeled_loss_reaches_backbone_but_not_classifier(avg_mode):
     m = make_method(avg_mode=avg_mode, cls_grad_scale=0.0, **OPEN)
     out = losses(m)
@@ -193,3 +201,62 @@ def test_bank_is_updated_by_training_and_resumes_exactly(tmp_path):
 def test_unknown_avg_mode_is_a_config_error_naming_the_field():
     with pytest.raises(ConfigError, match="method.avg_mode"):
         tiny_run_config("layermatch", method={"avg_mode": "centre"})
+
+
+# ---------------------------------------------------------------------------------------------
+# the readings of Avg-Clustering that keep FixMatch's mask
+
+
+def test_feature_centre_update_rule_on_hand_made_tensors():
+    centres = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    seen = torch.tensor([True, False, True])
+    sums = torch.tensor([[0.0, 2.0], [3.0, 1.0], [0.0, 0.0]])  # class 0: 2 samples; class 1: 1; class 2: none
+    counts = torch.tensor([2.0, 1.0, 0.0])
+    update_feature_centres(centres, seen, sums, counts, momentum=0.75)
+    torch.testing.assert_close(centres[0], torch.tensor([0.75 * 1.0 + 0.25 * 0.0, 0.75 * 0.0 + 0.25 * 1.0]))
+    torch.testing.assert_close(centres[1], torch.tensor([3.0, 1.0]))  # first visit: the batch mean itself
+    torch.testing.assert_close(centres[2], torch.tensor([5.0, 5.0]))  # not in the batch: untouched
+    assert seen.tolist() == [True, True, True]
+
+
+def test_centre_pull_is_the_masked_normalised_distance_and_moves_only_the_features():
+    h = torch.tensor([[3.0, 0.0], [0.0, 2.0], [1.0, 1.0]], requires_grad=True)
+    centres = torch.tensor([[1.0, 0.0], [1.0, 0.0]], requires_grad=True)
+    target, mask = torch.tensor([0, 1, 1]), torch.tensor([1.0, 1.0, 0.0])
+    pull = centre_pull(h, centres, target, mask)
+    # sample 0 sits on its centre (0); sample 1: |(0,1) - (1,0)|^2 = 2; sample 2 masked; mean over 3
+    assert pull.item() == pytest.approx(2.0 / 3.0)
+    pull.backward()
+    assert h.grad is not None and torch.count_nonzero(h.grad[1]) > 0 and torch.count_nonzero(h.grad[2]) == 0
+    assert centres.grad is None  # the centres are targets, not trained
+
+
+def test_feature_center_keeps_fixmatchs_mask_and_adds_the_pull_term():
+    fm = make_method(avg_mode="none", threshold=0.105)
+    fc = make_method(avg_mode="feature_center", threshold=0.105)
+    out_fm, out_fc = losses(fm), losses(fc)
+    assert torch.equal(out_fm["mask"], out_fc["mask"]) and 0 < out_fc["mask"].sum()
+    torch.testing.assert_close(out_fm["loss_u"], out_fc["loss_u"])
+    assert out_fc["loss_center"] > 0
+    assert bool(fc.centre_seen.any()) and set(fc.state_dict()) >= {"feature_centres", "centre_seen"}
+
+
+def test_soft_avg_is_fixmatchs_mask_with_the_averaged_prediction_as_soft_target():
+    """On a fresh bank one visit gives q̄ = q (debiased), so L_u must be FixMatch's mask times the
+    soft cross-entropy H(softmax(z_w), softmax(z_s)), computed here from the same views by hand."""
+    m = make_method(avg_mode="soft_avg", threshold=0.11, avg_momentum=0.5)
+    batch = batch_of(m)
+    ctx = m.ctx
+    ctx.generator.manual_seed(1)
+    out = m.losses(batch)
+    ctx.generator.manual_seed(1)  # the same views again
+    x_w, u_w, u_s = ctx.weak(batch.x), ctx.weak(batch.u), ctx.strong(batch.u)
+    with torch.no_grad():
+        logits = m.ctx.raw_model(torch.cat([x_w, u_w, u_s]))
+    b, n = batch.x.shape[0], batch.u.shape[0]
+    q, z_s = logits[b : b + n].softmax(-1), logits[b + n :]
+    mask = (q.max(-1).values >= 0.11).float()
+    expected = (-(q * F.log_softmax(z_s, -1)).sum(-1) * mask).mean()
+    assert torch.equal(out["mask"], mask) and 0 < mask.sum()
+    torch.testing.assert_close(out["loss_u"].detach(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(m.count[batch.u_idx], torch.ones(n, dtype=torch.long))

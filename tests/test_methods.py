@@ -38,6 +38,14 @@ def test_one_tiny_train_step_in_process(method, tmp_path):
     assert session.latest_checkpoint() is not None
 
 
+#: knob settings probed under DDP besides each method's defaults (state that other modes keep)
+DDP_VARIANTS = {
+    "layermatch-feature_center": ("layermatch", {"avg_mode": "feature_center", "threshold": 0.105}),
+    "layermatch-soft_avg": ("layermatch", {"avg_mode": "soft_avg", "threshold": 0.105}),
+}
+PROBED = {**{m: (m, {}) for m in METHODS.names()}, **DDP_VARIANTS}
+
+
 @pytest.fixture(scope="module")
 def ddp_probe(tmp_path_factory, ray_local):
     """Every registered method, 3 steps each, under 2 DDP ranks (gloo) in one Ray Train run: one
@@ -49,8 +57,8 @@ def ddp_probe(tmp_path_factory, ray_local):
 
     root = tmp_path_factory.mktemp("ddp_probe")
     runs = []
-    for method in METHODS.names():
-        cfg = tiny_run_config(method, train={"steps": 3, "eval_every": 3}, scaling={"num_workers": 2})
+    for method, (name, knobs) in PROBED.items():
+        cfg = tiny_run_config(name, method=knobs, train={"steps": 3, "eval_every": 3}, scaling={"num_workers": 2})
         (root / method).mkdir()
         teacher = tiny_teacher(cfg, root / "teachers")  # trained in-process once, shared by its users
         runs.append({"config": cfg.model_dump(mode="json"), "dir": str(root / method),
@@ -72,7 +80,7 @@ def ddp_probe(tmp_path_factory, ray_local):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("method", list(PROBED))
 def test_two_ddp_ranks_keep_identical_weights(method, ddp_probe):
     root, error = ddp_probe
     if not (root / method / "rank_1.pt").exists():

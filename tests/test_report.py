@@ -279,3 +279,21 @@ def test_helpers():
     assert report.ordered_values([True, 1, False]) == [True, 1, False]
     table = report.markdown_table(["a", "b"], [[1, "x|y"]])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | x\\|y |"]
+
+
+def test_paired_comparison_on_hand_made_seeds():
+    ref = [0.60, 0.62, 0.58, 0.61, 0.59]
+    up = [0.63, 0.64, 0.62, 0.63, 0.62]  # diffs 0.03 0.02 0.04 0.02 0.03
+    c = report.paired_comparison(ref, up)
+    assert c["n"] == 5 and c["wins"] == 5 and c["losses"] == 0
+    assert c["mean"] == pytest.approx(0.028)
+    # sd of the diffs = 0.008367; t(0.975, 4) = 2.776; half width = 2.776 * 0.008367 / sqrt(5) = 0.010388
+    assert c["hi"] - c["mean"] == pytest.approx(0.010388, abs=1e-5)
+    assert c["verdict"] == "holds"
+    assert report.paired_comparison(up, ref)["verdict"] == "does not hold"
+    mixed = report.paired_comparison(ref, [0.61, 0.61, 0.60, 0.60, 0.59])
+    assert mixed["lo"] < 0 < mixed["hi"] and mixed["verdict"] == "inconclusive"
+    assert report.paired_comparison([0.5], [0.6])["verdict"] == "inconclusive"
+    assert report.format_paired(c) == "+0.0280 [+0.0176, +0.0384], 5/5 seeds up: holds"
+    with pytest.raises(ValueError):
+        report.paired_comparison([0.1, 0.2], [0.3])

@@ -212,4 +212,20 @@ def test_config_rules_teacher_and_metrics():
     raw["teacher"] = {"checkpoint": "/nowhere"}
     raw["model"] = {"name": "resnet18"}  # four stages, counted without building real weights
     heads = TSKD.Config.eval_heads(parse_run_config(raw))
-    assert heads == ("exit1", "exit2", "exit3", "exit4", "vote_soft", "vote_hard", "vote_weighted")
+    assert heads == ("exit1", "exit2", "exit3", "exit4", "vote_soft", "vote_hard", "vote_weighted", "vote_mean_logits")
+
+
+def test_byot_options_mean_logits_vote_plain_kl_and_shallow_ce_weight():
+    logits = torch.tensor([[[2.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]], [[0.0, 1.5, 0.0]]])  # 3 exits, 1 sample
+    torch.testing.assert_close(ensemble_vote(logits, "mean_logits"), torch.tensor([[2 / 3, 2.5 / 3, 0.0]]))
+    assert ensemble_vote(logits, "mean_logits").argmax(-1).item() == 1
+    torch.manual_seed(0)
+    q, f = torch.randn(3, 6, 4), torch.randn(3, 6, 5)
+    with_t2, _ = self_distillation_losses(q, f, 3.0)
+    plain, _ = self_distillation_losses(q, f, 3.0, t_squared=False)
+    torch.testing.assert_close(plain * 9.0, with_t2)  # BYOT's gradient is 1/T² of ours at T 3
+    y = torch.tensor([0, 1, 2, 3])
+    ce = [torch.nn.functional.cross_entropy(x[:4], y) for x in q]
+    byot = TSKD.Config(w_kd=0.0, w_sd=0.0, w_feat=0.0, w_ce_shallow=0.7)
+    loss, logs = tskd_loss(q, f, y, None, byot)
+    torch.testing.assert_close(loss, ce[2] + 0.7 * (ce[0] + ce[1]))

@@ -28,12 +28,22 @@ current (detached) prediction on the weak view and q̄ the averaged one; the pse
   ``cls_grad_scale`` says.
 * ``ema_model``: q̄ comes from an EMA copy of the whole student (owned by the method, momentum m_a,
   run in train mode so that it uses the batch's BN statistics and never per-rank running ones).
+* ``feature_center``: FixMatch's own targets and mask (1[max q ≥ τ]), plus per-class EMA centres of
+  the L2-normalised pooled weak-view features of the masked samples (class sums and counts summed
+  over ranks, so every rank holds the same centres; a class's first visit sets its centre) and a pull
+  term ``center_weight · (1/μB) Σ mask·‖n(h_s) − n(c_ŷ)‖²`` that moves each masked sample's
+  strong-view features towards its pseudo-class centre.  It acts on the features only and never
+  shrinks FixMatch's mask.
+* ``soft_avg``: FixMatch's own mask (1[max q ≥ τ]) with the per-sample averaged prediction q̄ (the
+  ``sample_ema`` bank, debiased) as a soft target, H(q̄, softmax(z_s)), for the Grad-ReLU path: the
+  backbone learns towards the average of its past predictions.  It never shrinks the mask either.
 * ``none``: no averaging — plain FixMatch targets (mask 1[max q ≥ τ]); with Grad-ReLU alone.
 
 Our decisions where the paper's text was not available (each a knob): full
 blocking (s = 0) by default; the per-sample EMA reading of Avg-Clustering; τ (``threshold``) gates the
-current prediction only in ``avg_mode: none``, τ_a (``avg_threshold``) gates the averaged one in the
-other modes; ``avg_momentum`` defaults to 0.9 for sample_ema and 0.999 for center_ema / ema_model;
+current prediction in ``none``, ``feature_center`` and ``soft_avg``, τ_a (``avg_threshold``) gates the
+averaged one in the other modes; ``avg_momentum`` defaults to 0.9 for sample_ema, soft_avg and
+feature_center and 0.999 for center_ema / ema_model;
 the two EMA copies warm up like the evaluated EMA (d_t = min(m_a, (1 + t) / (10 + t))); hard
 pseudo-labels only.  L_u is normalised by μB as in FixMatch; evaluation uses the loop's EMA model.
 
@@ -53,7 +63,10 @@ from raykd.config import MethodConfig, knob
 from raykd.methods.base import METHODS, Batch, Method
 from raykd.methods.common import fixmatch_unsup_loss, pseudo_label_accuracy
 
-DEFAULT_MOMENTUM = {"sample_ema": 0.9, "center_ema": 0.999, "ema_model": 0.999, "none": 0.0}
+DEFAULT_MOMENTUM = {"sample_ema": 0.9, "center_ema": 0.999, "ema_model": 0.999, "none": 0.0, "feature_center": 0.9,
+                    "soft_avg": 0.9}  # fmt: skip
+#: readings of Avg-Clustering that keep FixMatch's own mask (they only add targets for the features)
+MASK_KEEPING = ("feature_center", "soft_avg", "none")
 
 
 def scale_grad(p: torch.Tensor, scale: float) -> torch.Tensor:
@@ -134,6 +147,29 @@ def averaged_targets(
     return target, mask.float(), agree
 
 
+@torch.no_grad()
+def update_feature_centres(
+    centres: torch.Tensor, seen: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, momentum: float
+) -> None:
+    """In place, per class c with ``counts[c] > 0``: the batch mean ``m_c = sums[c] / counts[c]`` of
+    the (normalised) features of confidently pseudo-labelled samples becomes the centre on the class's
+    first visit, else ``centre_c ← momentum·centre_c + (1 − momentum)·m_c``.  ``sums`` and ``counts``
+    are summed over ranks before the call, so every rank holds the same centres."""
+    present = counts > 0
+    mean = sums[present] / counts[present, None].to(sums.dtype)
+    first = present & ~seen
+    upd = torch.where(first[present, None], mean, momentum * centres[present] + (1.0 - momentum) * mean)
+    centres[present] = upd.to(centres.dtype)
+    seen |= present
+
+
+def centre_pull(h: torch.Tensor, centres: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(1/N) Σ_b mask_b · ‖n(h_b) − n(c_{target_b})‖²`` with n the L2 normalisation: pulls each
+    masked sample's features towards its pseudo-class centre (the centres carry no gradient)."""
+    diff = F.normalize(h.float(), dim=-1) - F.normalize(centres[target].detach().float(), dim=-1)
+    return (diff.pow(2).sum(-1) * mask).mean()
+
+
 @METHODS.register("layermatch")
 class LayerMatch(Method):
     """LayerMatch: pseudo-labels train the feature extractor (not the classifier) towards averaged targets."""
@@ -157,10 +193,14 @@ class LayerMatch(Method):
             lt=1.0,
             help="m_a: averaging momentum (None = 0.9 for sample_ema, 0.999 for center_ema/ema_model)",
         )
-        avg_mode: Literal["sample_ema", "center_ema", "ema_model", "none"] = knob(
+        avg_mode: Literal["sample_ema", "center_ema", "ema_model", "feature_center", "soft_avg", "none"] = knob(
             "sample_ema",
-            search={"choice": ["sample_ema", "center_ema", "ema_model"]},
-            help="Avg-Clustering: per-sample EMA bank, EMA classifier centres, EMA model, or none",
+            search={"choice": ["sample_ema", "center_ema", "ema_model", "feature_center", "soft_avg"]},
+            help="Avg-Clustering: per-sample EMA bank, EMA classifier centres, EMA model, class centres of "
+            "the features with a pull term, the averaged prediction as a soft target, or none",
+        )
+        center_weight: float = knob(
+            1.0, search={"loguniform": [0.1, 10.0]}, ge=0.0, help="feature_center: weight of the pull term"
         )
         consistency: bool = knob(
             True, search={"choice": [True, False]}, help="mask also needs argmax(current) == averaged pseudo-label"
@@ -182,17 +222,22 @@ class LayerMatch(Method):
 
         @classmethod
         def logs(cls, run) -> tuple[str, ...]:
-            return ("loss_x", "loss_u", "mask_rate", "pseudo_acc", "agree_rate")
+            pull = ("loss_center",) if run.method.avg_mode == "feature_center" else ()
+            return ("loss_x", "loss_u", "mask_rate", "pseudo_acc", "agree_rate", *pull)
 
     def setup(self) -> None:
         cfg, ctx = self.cfg, self.ctx
         self.momentum = cfg.avg_momentum if cfg.avg_momentum is not None else DEFAULT_MOMENTUM[cfg.avg_mode]
         self.updates = 0
         head = ctx.raw_model.classifier
-        if cfg.avg_mode == "sample_ema":
+        if cfg.avg_mode in ("sample_ema", "soft_avg"):
             n, c = len(ctx.data.unlabeled), ctx.num_classes
             self.bank = torch.full((n, c), 1.0 / c, device=ctx.device)
             self.count = torch.zeros(n, dtype=torch.long, device=ctx.device)
+        elif cfg.avg_mode == "feature_center":
+            c, d = ctx.num_classes, head.in_features
+            self.feature_centres = torch.zeros(c, d, device=ctx.device)
+            self.centre_seen = torch.zeros(c, dtype=torch.bool, device=ctx.device)
         elif cfg.avg_mode == "center_ema":
             self.centres = [p.detach().clone() for p in (head.weight, head.bias) if p is not None]
         elif cfg.avg_mode == "ema_model":
@@ -227,7 +272,7 @@ class LayerMatch(Method):
     def _averaged(self, batch: Batch, q: torch.Tensor, u_weak: torch.Tensor, h_w: torch.Tensor) -> torch.Tensor:
         """q̄ for this rank's unlabeled samples (updating the averaged state first)."""
         ctx, mode = self.ctx, self.cfg.avg_mode
-        if mode == "sample_ema":
+        if mode in ("sample_ema", "soft_avg"):
             idx_all, q_all = ctx.all_gather(batch.u_idx), ctx.all_gather(q.contiguous())
             ema_bank_update(self.bank, self.count, idx_all, q_all, self.momentum)
             return averaged_prediction(self.bank[batch.u_idx], self.count[batch.u_idx], self.momentum, self.cfg.debias)
@@ -257,18 +302,40 @@ class LayerMatch(Method):
         with ctx.autocast():
             z_s = F.linear(h_s, weight, bias)
         q = z_w.detach().float().softmax(-1)
-        if cfg.avg_mode == "none":
+        out: dict[str, Any] = {}
+        if cfg.avg_mode in ("none", "feature_center"):
             loss_u, mask, target = fixmatch_unsup_loss(z_w, z_s, cfg.threshold)
             agree = torch.ones_like(mask, dtype=torch.bool)
+            if cfg.avg_mode == "feature_center":
+                self._update_centres(h_w.detach(), target, mask)
+                out["loss_center"] = centre_pull(h_s, self.feature_centres, target, mask)
+        elif cfg.avg_mode == "soft_avg":  # FixMatch's own mask; the averaged prediction is the (soft) target
+            mask = (q.max(dim=-1).values >= cfg.threshold).float()
+            q_avg = self._averaged(batch, q, u_w, h_w)
+            target = q_avg.argmax(dim=-1)
+            agree = q.argmax(dim=-1) == target
+            loss_u = (-(q_avg.float() * F.log_softmax(z_s.float(), dim=-1)).sum(-1) * mask).mean()
         else:
             q_avg = self._averaged(batch, q, u_w, h_w)
             target, mask, agree = averaged_targets(q, q_avg, cfg.avg_threshold, cfg.consistency)
             loss_u = (F.cross_entropy(z_s.float(), target, reduction="none") * mask).mean()
-        return {"loss_x": loss_x, "loss_u": loss_u, "mask": mask, "target": target, "agree": agree}
+        return {"loss_x": loss_x, "loss_u": loss_u, "mask": mask, "target": target, "agree": agree, **out}
+
+    @torch.no_grad()
+    def _update_centres(self, h_w: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> None:
+        """Class sums and counts of this rank's masked weak-view features, summed over ranks, then the
+        EMA update (identical on every rank)."""
+        c = self.ctx.num_classes
+        onehot = F.one_hot(target, c).float() * mask[:, None]
+        stats = torch.cat([onehot.T @ F.normalize(h_w.float(), dim=-1), onehot.sum(0)[:, None]], dim=1)
+        stats = self.ctx.all_reduce(stats.double()).float()
+        update_feature_centres(self.feature_centres, self.centre_seen, stats[:, :-1], stats[:, -1], self.momentum)
 
     def train_step(self, batch: Batch):
         out = self.losses(batch)
         loss = out["loss_x"] + self.cfg.lambda_u * out["loss_u"]
+        if "loss_center" in out:
+            loss = loss + self.cfg.center_weight * out["loss_center"]
         logs = {
             "loss_x": out["loss_x"].detach(),
             "loss_u": out["loss_u"].detach(),
@@ -276,14 +343,18 @@ class LayerMatch(Method):
             "pseudo_acc": pseudo_label_accuracy(out["target"], out["mask"], batch.u_y),
             "agree_rate": out["agree"].float().mean(),
         }
+        if "loss_center" in out:
+            logs["loss_center"] = out["loss_center"].detach()
         return loss, logs
 
     # -- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         mode, state = self.cfg.avg_mode, {"updates": torch.tensor(self.updates)}
-        if mode == "sample_ema":
+        if mode in ("sample_ema", "soft_avg"):
             state |= {"bank": self.bank.cpu(), "count": self.count.cpu()}
+        elif mode == "feature_center":
+            state |= {"feature_centres": self.feature_centres.cpu(), "centre_seen": self.centre_seen.cpu()}
         elif mode == "center_ema":
             state |= {f"centre_{i}": c.cpu() for i, c in enumerate(self.centres)}
         elif mode == "ema_model":
@@ -293,9 +364,12 @@ class LayerMatch(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mode = self.cfg.avg_mode
         self.updates = int(state.get("updates", 0))
-        if mode == "sample_ema":
+        if mode in ("sample_ema", "soft_avg"):
             self.bank.copy_(state["bank"])
             self.count.copy_(state["count"])
+        elif mode == "feature_center":
+            self.feature_centres.copy_(state["feature_centres"])
+            self.centre_seen.copy_(state["centre_seen"])
         elif mode == "center_ema":
             for i, c in enumerate(self.centres):
                 c.copy_(state[f"centre_{i}"])

@@ -22,6 +22,9 @@ with a validation split), whatever ``vote`` selects.
 Our decisions where the paper's equations were not available (BYOT template):
 
 * exits: ``every`` stage (default) or the ``last_two`` stages; bottlenecks as in MultiExit;
+* BYOT's weighting is reachable: ``w_ce_shallow`` scales the shallow exits' CE (BYOT: 0.7; ours 1),
+  ``sd_t_squared: false`` drops the T² factor of the self-distillation KL (with it, at T 3 the
+  self-distillation gradient is 9× BYOT's), and ``vote: mean_logits`` is BYOT's ensemble;
 * the losses are summed over exits (not averaged), per the formula; ``w_ce`` = 1 by default
   (BYOT's normalisation 1 − w_kd − w_sd is reachable by setting it);
 * the feature hint is the mean squared difference over the batch and the feature dimension (so
@@ -53,7 +56,7 @@ from raykd.methods.base import METHODS, Batch, Method
 from raykd.methods.common import kd_loss
 from raykd.models.multi_exit import MultiExit, num_stages, stage_shapes
 
-VOTES = ("soft", "hard", "weighted")
+VOTES = ("soft", "hard", "weighted", "mean_logits")
 PLACEMENTS = ("every", "last_two")
 
 
@@ -82,6 +85,7 @@ def ensemble_vote(logits: torch.Tensor, rule: str, weights: torch.Tensor | None 
     * ``hard``: vote counts of the exits' argmax plus the summed probabilities / (K + 1) (< 1, so it
       only orders classes with equal counts); equal counts and sums go to the lowest class index
       (``argmax`` returns the first maximum).
+    * ``mean_logits``: the mean of the exits' logits (BYOT's ensemble).
     """
     k = logits.shape[0]
     log_p = F.log_softmax(logits.float(), dim=-1)
@@ -92,6 +96,8 @@ def ensemble_vote(logits: torch.Tensor, rule: str, weights: torch.Tensor | None 
         w = w if w.sum() > 0 else torch.ones_like(w)
         log_w = (w / w.sum()).log().view(k, 1, 1)
         return torch.logsumexp(log_p + log_w, dim=0)
+    if rule == "mean_logits":
+        return logits.float().mean(dim=0)
     if rule == "hard":
         counts = F.one_hot(log_p.argmax(-1), logits.shape[-1]).sum(0).float()
         return counts + log_p.exp().sum(0) / (k + 1)
@@ -99,16 +105,18 @@ def ensemble_vote(logits: torch.Tensor, rule: str, weights: torch.Tensor | None 
 
 
 def self_distillation_losses(
-    logits: torch.Tensor, feats: torch.Tensor, temperature: float
+    logits: torch.Tensor, feats: torch.Tensor, temperature: float, t_squared: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ over shallow exits of ``KL_T(sg(q_K) ‖ q_i)`` and of ``MSE(F_i, sg(F_K))`` (zero with one exit).
 
     ``logits`` ``[K, N, C]`` and ``feats`` ``[K, N, D]`` are shallow → deep; the deepest exit only
-    teaches here, so no gradient reaches it through these terms.
+    teaches here, so no gradient reaches it through these terms.  KL_T carries Hinton's T² factor
+    unless ``t_squared`` is off (BYOT's form: the plain KL of the softened distributions).
     """
     deep_q, deep_f = logits[-1].detach(), feats[-1].detach()
     zero = logits.new_zeros((), dtype=torch.float32)
-    loss_sd = sum((kd_loss(q, deep_q, temperature) for q in logits[:-1]), zero)
+    scale = 1.0 if t_squared else 1.0 / (temperature * temperature)
+    loss_sd = sum((kd_loss(q, deep_q, temperature) for q in logits[:-1]), zero) * scale
     loss_feat = sum((F.mse_loss(f.float(), deep_f.float()) for f in feats[:-1]), zero)
     return loss_sd, loss_feat
 
@@ -125,8 +133,9 @@ def tskd_loss(
     ``teacher_logits`` ``[N, C]`` is given), self-distillation and feature terms."""
     logits, feats = logits.float(), feats.float()
     b = y.shape[0]
-    loss_ce = sum(F.cross_entropy(q[:b], y) for q in logits)
-    loss_sd, loss_feat = self_distillation_losses(logits, feats, cfg.T_sd)
+    ce = [F.cross_entropy(q[:b], y) for q in logits]
+    loss_ce = ce[-1] + cfg.w_ce_shallow * sum(ce[:-1], torch.zeros((), device=logits.device))
+    loss_sd, loss_feat = self_distillation_losses(logits, feats, cfg.T_sd, cfg.sd_t_squared)
     loss = cfg.w_ce * loss_ce + cfg.w_sd * loss_sd + cfg.w_feat * loss_feat
     logs = {"loss_ce": loss_ce.detach(), "loss_sd": loss_sd.detach(), "loss_feat": loss_feat.detach()}
     if teacher_logits is not None:
@@ -141,6 +150,12 @@ class _ExitKnobs(MethodConfig):
     """Knobs shared by ``tskd`` and ``tskd_sd``."""
 
     w_ce: float = knob(1.0, ge=0.0, help="weight of each exit's CE on labels (BYOT's 1-w_kd-w_sd is one choice)")
+    w_ce_shallow: float = knob(
+        1.0, search={"uniform": [0.5, 1.0]}, ge=0.0, help="relative CE weight of the shallow exits (BYOT: 0.7)"
+    )
+    sd_t_squared: bool = knob(
+        True, search={"choice": [True, False]}, help="self-distillation KL carries T^2 (false: BYOT's plain KL)"
+    )
     w_sd: float = knob(
         0.3, search={"uniform": [0.05, 0.7]}, ge=0.0, help="self-distillation weight (deepest exit -> shallow exits)"
     )
@@ -151,8 +166,10 @@ class _ExitKnobs(MethodConfig):
     exits: Literal["every", "last_two"] = knob(
         "every", search={"choice": list(PLACEMENTS)}, help="exit placement: after every stage or the last two"
     )
-    vote: Literal["soft", "hard", "weighted"] = knob(
-        "soft", search={"choice": list(VOTES)}, help="ensemble vote used by predict (weighted: by val accuracy)"
+    vote: Literal["soft", "hard", "weighted", "mean_logits"] = knob(
+        "soft",
+        search={"choice": list(VOTES)},
+        help="ensemble vote used by predict (weighted: by val accuracy; mean_logits: BYOT's)",
     )
 
     @classmethod
