@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import statistics
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from raykd.config import RunConfig, parse_run_config
+from raykd.report import format_paired, paired_comparison
 from raykd.train.context import LocalSession
 from raykd.train.loop import train_loop
 from raykd.train.teacher import ensure_teacher
@@ -30,7 +32,7 @@ def arguments(description: str, *, labels: int = 4, steps: int = 1500, width: in
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--labels", type=int, default=labels, help="labels per class")
     p.add_argument("--steps", type=int, default=steps, help="training steps of every network")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="at least 5 for a verdict")
     p.add_argument("--width", type=int, default=width, help="small_cnn width")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--write", action="store_true", help="write the table into docs/results.md")
@@ -82,7 +84,12 @@ def teacher_result(raw: dict[str, Any], cache_root: Path) -> dict[str, Any]:
 
 
 def mean_std(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}"
+    """``mean ± std`` of the finite values (``n=...`` when some were not finite, e.g. an empty mask)."""
+    finite = [x for x in xs if math.isfinite(x)]
+    if not finite:
+        return "–"
+    text = f"{statistics.mean(finite):.4f} ± {statistics.stdev(finite) if len(finite) > 1 else 0.0:.4f}"
+    return text if len(finite) == len(xs) else f"{text} (n={len(finite)})"
 
 
 def table(rows: dict[str, dict[str, list[float]]], columns: Iterable[tuple[str, str]]) -> list[str]:
@@ -99,6 +106,22 @@ def record(rows: dict[str, dict[str, list[float]]], label: str, result: dict[str
     for k in keys:
         if isinstance(result.get(k), int | float):
             rows.setdefault(label, {}).setdefault(k, []).append(float(result[k]))
+
+
+def paired_table(rows: dict[str, dict[str, list[float]]], claims: Iterable[tuple[str, str]],
+                 metric: str = "test_acc") -> list[str]:  # fmt: skip
+    """Markdown rows of paired comparisons on ``metric``: one per ``(reference, other)`` claim "other
+    beats reference", with the per-seed differences, their mean and 95 % t-interval, the sign count
+    and the verdict read from the interval (:func:`raykd.report.paired_comparison`)."""
+    out = [f"| claim ({metric}) | per-seed difference | mean [95 % CI], seeds up: verdict |", "|---|---|---|"]
+    for ref, other in claims:
+        a, b = rows.get(ref, {}).get(metric, []), rows.get(other, {}).get(metric, [])
+        if not a or len(a) != len(b):
+            continue
+        c = paired_comparison(a, b)
+        diffs = " ".join(f"{d:+.4f}" for d in c["diffs"])
+        out.append(f"| {other} > {ref} | {diffs} | {format_paired(c)} |")
+    return out
 
 
 VERDICT = "**Verdict"
@@ -121,12 +144,21 @@ def write_section(section: str, text: str) -> None:
 
 
 def publish(section: str, description: str, rows: dict[str, dict[str, list[float]]],
-            columns: Iterable[tuple[str, str]], args: argparse.Namespace, started: float) -> str:  # fmt: skip
+            columns: Iterable[tuple[str, str]], args: argparse.Namespace, started: float,
+            claims: Iterable[tuple[str, str]] = (), metric: str = "test_acc", extra: str = "") -> str:  # fmt: skip
     """Print the section (heading, ``description``, the command that made it and its wall time, the
-    table) and, with ``--write``, put it into docs/results.md.  Returns its text."""
+    table, the paired comparisons of ``claims`` and ``extra`` text) and, with ``--write``, put it into
+    docs/results.md.  Returns its text."""
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     lines = [section, "", f"{description} Command: `{command}` ({time.time() - started:.0f} s on this machine).", "",
              *table(rows, columns)]  # fmt: skip
+    claims = list(claims)
+    if claims:
+        lines += ["", "Paired by seed (same split, initialisation and batches), 95 % t-interval of the mean "
+                  "difference; the verdict is read from the interval: above 0 holds, below 0 does not hold, "
+                  "containing 0 inconclusive.", "", *paired_table(rows, claims, metric)]  # fmt: skip
+    if extra:
+        lines += ["", extra]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if args.write:
