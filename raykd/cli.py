@@ -44,6 +44,9 @@ def resolve_run_dir(config_path: str, out: str | None, resolved: dict[str, Any])
         kind, diff = state(d)
         if kind == "finished":
             raise ConfigError("--out", f"{d} already holds a finished run (result.json); choose another --out")
+        if kind == "failed":
+            raise ConfigError("--out", f"{d} holds a run that diverged ({diff}); choose another --out (or delete "
+                              f"{d}/failed.json to continue it from its last checkpoint)")  # fmt: skip
         if kind == "different":
             raise ConfigError("--out", f"{d} holds a different run ({diff}); choose another --out to keep both")
         return d, kind == "resume"
@@ -76,13 +79,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from raykd.data import data_of
 
     data_of(cfg)  # pre-flight: the data is on disk (ConfigError on data.root otherwise)
+    from raykd.train.teacher import check_checkpoint_teacher, prepare_teacher
+
+    check_checkpoint_teacher(cfg)  # a teacher.checkpoint is read (weights-only) before anything is written
     text = dump_run_config(cfg)
     run_dir, resuming = resolve_run_dir(args.config, args.out, yaml.safe_load(text))
     from raykd.train.runfolder import RunFolder
 
-    RunFolder(run_dir).write_config(cfg)
+    folder = RunFolder(run_dir)
+    folder.write_config(cfg)
 
-    from raykd.train.teacher import prepare_teacher
+    from raykd.errors import DivergedError
     from raykd.train.trainer import run_training
 
     t, s, d = cfg.train, cfg.scaling, cfg.data
@@ -93,18 +100,36 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{cfg.model.name}, {t.steps} steps, global batch {views}, {where}",
         flush=True,
     )
-    resume_note = " (resuming from its latest checkpoint)" if resuming else ""
+    resume_note = ""
+    if resuming:
+        last = folder.last_step() if folder.state_files() else None
+        resume_note = (f" (resuming from its latest checkpoint, step {last})" if last is not None
+                       else " (no checkpoint was saved yet: starting from step 0)")  # fmt: skip
     print(
         f"  run folder: {run_dir}{resume_note}; evaluating the {'EMA' if t.ema > 0 else 'raw'} model "
         f"every {t.eval_every} steps",
         flush=True,
     )
+    again = f"{raykd_command()} train {args.config} --out {run_dir}"
     try:
         teacher_dir = prepare_teacher(cfg, run_dir.parent, args.address)
         result = run_training(cfg, run_dir, address=args.address, verbose=args.verbose, teacher_dir=teacher_dir)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; resume with: {raykd_command()} train {args.config} --out {run_dir}", file=sys.stderr)
+        print(f"\ninterrupted; resume with: {again}", file=sys.stderr)
         return 130
+    except DivergedError as e:
+        print(f"raykd: {e}; lower train.lr (now {t.lr:g}) or check the data and the method's knobs, and train into "
+              "another --out", file=sys.stderr)  # fmt: skip
+        return 1
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one line and the way back in; the traceback with --verbose
+        if args.verbose:
+            raise
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        print(f"raykd: the run failed: {type(e).__name__}: {msg} (rerun with --verbose for details)\n"
+              f"  its checkpoints are kept; resume with: {again}", file=sys.stderr)  # fmt: skip
+        return 1
     acc = f"test_acc {result.get('test_acc', float('nan')):.4f}"
     if "val_acc" in result:
         acc += f", val_acc {result['val_acc']:.4f}"

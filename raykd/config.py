@@ -259,7 +259,13 @@ class TrainConfig(Strict):
     channels_last: bool = Field(False, description="channels_last memory format on GPU")
     ra_num_ops: int = Field(2, ge=1, le=4, description="RandAugment ops per image (strong augmentation)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept (latest)")
-    max_failures: int = Field(0, ge=0, description="worker-group restarts from the last checkpoint")
+    max_failures: int = Field(
+        3, ge=0, description="worker-group restarts from the last checkpoint (a lost or preempted node, a crash)"
+    )
+    divergence_loss: float | None = Field(
+        1e6, gt=0, description="stop the run as diverged when the loss is not finite or above this at an "
+        "evaluation (null: only non-finite losses)",
+    )  # fmt: skip
 
 
 class ScalingConfig(Strict):

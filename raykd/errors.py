@@ -23,6 +23,19 @@ class ConfigError(ValueError):
         super().__init__(f"{field}: {message}")
 
 
+class DivergedError(RuntimeError):
+    """A run stopped because its loss (or a watched metric) became non-finite or exploded.
+
+    The run folder holds ``failed.json`` with the same reason; the run is not resumed or exported.
+    """
+
+    def __init__(self, reason: str, step: int | None = None, run_dir: str | None = None):
+        self.reason, self.step, self.run_dir = reason, step, run_dir
+        at = f" at step {step}" if step is not None else ""
+        where = f" (run folder {run_dir})" if run_dir else ""
+        super().__init__(f"the run diverged{at}: {reason}{where}")
+
+
 def raykd_command() -> str:
     """How to call raykd again from this shell: ``raykd`` when it is on PATH, else the path that was
     used (e.g. ``.venv/bin/raykd``), so printed hints can be pasted as they are."""

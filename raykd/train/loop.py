@@ -36,7 +36,7 @@ from raykd.models import build_model
 from raykd.registry import METHODS
 from raykd.train.context import Session, StepContext
 from raykd.train.ema import ModelEMA
-from raykd.train.runfolder import STATE_FILE, RunFolder
+from raykd.train.runfolder import STATE_FILE, RunFolder, warn
 from raykd.train.sampler import GlobalBatchSampler
 from raykd.train.teacher import load_teacher, teacher_config
 
@@ -184,11 +184,40 @@ def build_run(cfg: RunConfig, session: Session, teacher_dir: str | Path | None) 
     return Run(cfg, ctx, method, model, raw, ema, optimizer, 0, best)
 
 
-def restore(run: Run, ckpt: Path | None) -> None:
-    """Phase 2: load the latest checkpoint (model, extras, EMA, optimiser, method state, step)."""
+def _candidates(ckpt: Path, folder: RunFolder) -> list[Path]:
+    """``ckpt``'s state file, then the other checkpoints beside it and in the run folder, newest first."""
+    seen, out = set(), []
+    siblings = sorted(ckpt.parent.glob("checkpoint*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    siblings += sorted(ckpt.parent.glob("step_*"), reverse=True)
+    for path in [ckpt / STATE_FILE, *(s / STATE_FILE for s in siblings), *folder.state_files()]:
+        key = path.resolve() if path.exists() else path
+        if key not in seen and path.is_file():
+            seen.add(key)
+            out.append(path)
+    return out
+
+
+def _load_state(run: Run, ckpt: Path, folder: RunFolder) -> dict[str, Any]:
+    """The state of the latest intact checkpoint: a truncated or unreadable one is skipped with a
+    warning naming it, and the newest older one is used (the run redoes the steps in between)."""
+    for path in _candidates(ckpt, folder):
+        try:
+            state = torch.load(path, map_location=run.ctx.device, weights_only=True)
+            if isinstance(state, dict) and "step" in state:
+                return state
+            raise ValueError("not a raykd checkpoint")
+        except Exception as e:  # noqa: BLE001 - any unreadable file: say which, try the next one
+            if run.ctx.rank == 0:
+                warn(f"checkpoint {path} is unreadable ({type(e).__name__}); trying an older one")
+    raise RuntimeError(f"no intact checkpoint to resume from (tried {ckpt} and the run folder {folder.path}); "
+                       "move the folder away to start the run again")
+
+
+def restore(run: Run, ckpt: Path | None, folder: RunFolder | None = None) -> None:
+    """Phase 2: load the latest intact checkpoint (model, extras, EMA, optimiser, method state, step)."""
     if ckpt is None:
         return
-    state = torch.load(Path(ckpt) / STATE_FILE, map_location=run.ctx.device, weights_only=True)
+    state = _load_state(run, Path(ckpt), folder or RunFolder(ckpt))
     run.raw.load_state_dict(state["model"])
     for name, m in run.extras.items():
         unwrap(m).load_state_dict(state["extras"][name])
@@ -263,6 +292,22 @@ def checkpoint_state(run: Run, step: int) -> dict[str, Any]:
     }
 
 
+def divergence(metrics: dict[str, Any], limit: float | None, watched: tuple[str, ...] = ()) -> str | None:
+    """Why an evaluation's metrics mean the run diverged, or None: the loss is not finite or above
+    ``limit`` (``train.divergence_loss``), or a ``watched`` metric (a study's ``tune.metric``) is not
+    finite."""
+    loss = metrics.get("loss")
+    if isinstance(loss, float) and not math.isfinite(loss):
+        return f"loss is {loss}"
+    if isinstance(loss, float) and limit is not None and loss > limit:
+        return f"loss {loss:.3g} is above train.divergence_loss {limit:g}"
+    for key in watched:
+        value = metrics.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{key} is {value}"
+    return None
+
+
 def train_loop(
     cfg: RunConfig,
     session: Session,
@@ -270,6 +315,7 @@ def train_loop(
     stop_at: int | None = None,
     on_end: Callable[[StepContext, Method], None] | None = None,
     teacher_dir: str | Path | None = None,
+    watched: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Train one run on this worker; returns the last reported metrics.
 
@@ -282,6 +328,11 @@ def train_loop(
             to compare per-rank weights and state).
         teacher_dir: the teacher's run folder (from :func:`raykd.train.teacher.ensure_teacher`) when
             the method needs a teacher.
+        watched: metrics that must stay finite (a study's ``tune.metric``) besides the loss.
+
+    A run whose loss is not finite or above ``train.divergence_loss`` (or a watched metric not
+    finite) at an evaluation stops there as diverged: rank 0 writes ``failed.json`` (reason, step),
+    nothing is reported for that evaluation, and the returned metrics carry ``diverged``.
     """
     folder = RunFolder(run_dir)
     folder.path.mkdir(parents=True, exist_ok=True)
@@ -290,7 +341,9 @@ def train_loop(
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
 
     run = build_run(cfg, session, teacher_dir)
-    restore(run, session.latest_checkpoint())
+    restore(run, session.latest_checkpoint(), folder)
+    if session.rank == 0:
+        folder.truncate_progress(run.start)  # evaluations after the checkpoint are written again: keep them once
     run.method.on_train_start()
 
     ctx, rank, world = run.ctx, session.rank, session.world_size
@@ -330,6 +383,13 @@ def train_loop(
             "world_size": world,
         }
         evaluate_run(run, metrics)
+        reason = divergence(metrics, t.divergence_loss, watched)  # all-reduced values: every rank agrees
+        if reason is not None:
+            metrics["diverged"] = reason
+            if rank == 0:
+                folder.append_progress(metrics)  # the evaluation that diverged, for the record (not reported)
+                folder.write_failure({"reason": reason, "step": done, "metrics": metrics})
+            break
         with tempfile.TemporaryDirectory() as tmp:
             ckpt_dir = None
             if rank == 0:

@@ -6,6 +6,7 @@ A run folder (``raykd train``'s ``--out``, a study trial's ``trials/<id>/``, a c
     config.yaml          the resolved run config (defaults merged); ``raykd train`` re-runs it
     progress.jsonl       one JSON object per evaluation (rank 0 appends; strict JSON: NaN is null)
     result.json          the last evaluation's metrics, written once the run reached train.steps
+    failed.json          instead of result.json when the run diverged: the reason and the step
     train/checkpoint_*/  Ray Train's checkpoints (the latest ``train.keep_checkpoints``), each a state.pt
     checkpoints/step_*/  the same for in-process runs (:class:`raykd.train.context.LocalSession`)
 
@@ -35,6 +36,8 @@ from raykd.errors import ConfigError
 CONFIG_FILE = "config.yaml"
 PROGRESS_FILE = "progress.jsonl"
 RESULT_FILE = "result.json"
+#: written instead of result.json when the run diverged (non-finite or exploding loss or metric)
+FAILURE_FILE = "failed.json"
 #: the state file inside every checkpoint folder
 STATE_FILE = "state.pt"
 #: Ray Train's run inside a run folder (its checkpoints are ``train/checkpoint_*``)
@@ -82,10 +85,17 @@ def _read_mapping(path: Path, parse, consequence: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+#: keys that may change between a run and its resume: they do not change what the run computes
+NOT_COMPARED = ("provenance", "train.max_failures", "train.keep_checkpoints", "train.eval_batch_size")
+
+
 def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    """The first dotted key where two raw configs differ, as ``key: old -> new``; None if equal."""
+    """The first dotted key where two raw configs differ, as ``key: old -> new``; None if equal.
+    Keys in :data:`NOT_COMPARED` are ignored."""
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
+            if f"{prefix}{key}" in NOT_COMPARED:
+                continue
             diff = first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
             if diff:
                 return diff
@@ -144,6 +154,20 @@ class RunFolder:
             f.flush()
             os.fsync(f.fileno())
 
+    def truncate_progress(self, step: int) -> None:
+        """Drop the evaluations after ``step`` (a restart resumes from the checkpoint of ``step``: the
+        rows it will write again must not be there twice)."""
+        if not self.progress_path.is_file():
+            return
+        keep = [row for row in self.progress() if isinstance(row.get("step"), int) and row["step"] <= step]
+        text = "".join(json.dumps(json_safe(row), allow_nan=False) + "\n" for row in keep)
+        _atomic_write(self.progress_path, text)
+
+    def last_step(self) -> int | None:
+        """The step of the last recorded evaluation, or None."""
+        rows = self.progress()
+        return rows[-1].get("step") if rows else None
+
     def progress(self) -> list[dict[str, Any]]:
         """Every readable evaluation line, in order; a line that does not parse (a killed writer's
         half-written last line) is skipped with a warning naming the file."""
@@ -185,6 +209,18 @@ class RunFolder:
         if record is not None:
             self.write_result({**record, **fields})
 
+    @property
+    def failure_path(self) -> Path:
+        return self.path / FAILURE_FILE
+
+    def write_failure(self, record: dict[str, Any]) -> None:
+        """Record that the run diverged (``reason``, ``step``); the run is never resumed or exported."""
+        _atomic_write(self.failure_path, json.dumps(json_safe(record), indent=2, default=str) + "\n")
+
+    def failure(self) -> dict[str, Any] | None:
+        """``failed.json`` when the run diverged, else None."""
+        return _read_mapping(self.failure_path, json.loads, "")
+
     # -- checkpoints -------------------------------------------------------------------------
 
     def relative(self, path: str | Path | None) -> str | None:
@@ -219,12 +255,16 @@ class RunFolder:
 
     def status(self, resolved: dict[str, Any]) -> tuple[str, str | None]:
         """``(kind, difference)`` of this folder for a run of the raw resolved config ``resolved``:
-        ``new`` (missing or empty), ``finished`` (has result.json), ``resume`` (an unfinished run of
-        the same config) or ``different`` (another config; ``difference`` names the first key)."""
+        ``new`` (missing or empty), ``finished`` (has result.json), ``failed`` (diverged; the
+        difference says where and why), ``resume`` (an unfinished run of the same config) or
+        ``different`` (another config; ``difference`` names the first key)."""
         if not self.path.exists() or not any(self.path.iterdir()):
             return "new", None
         if self.result_path.exists():
             return "finished", None
+        failure = self.failure()
+        if failure is not None:
+            return "failed", f"at step {failure.get('step')}: {failure.get('reason')}"
         old = self.config_raw()
         diff = first_difference(old, resolved) if old is not None else f"no readable {CONFIG_FILE}"
         return ("resume", None) if diff is None else ("different", diff)

@@ -30,7 +30,9 @@ TEACHERS_DIR = "teachers"
 
 def teacher_hash(cfg: RunConfig) -> str:
     """A short stable hash of a resolved run config."""
-    text = json.dumps(cfg.model_dump(mode="json", exclude={"provenance"}), sort_keys=True)
+    # what may change between runs without changing the teacher (retries, checkpoints kept) is left out
+    volatile = {"provenance": True, "train": {"max_failures", "keep_checkpoints", "eval_batch_size"}}
+    text = json.dumps(cfg.model_dump(mode="json", exclude=volatile), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -45,6 +47,29 @@ def _find_run_folder(path: Path) -> Path:
 def teacher_config(path: str | Path) -> RunConfig:
     """The run config of the raykd run folder that holds ``path`` (a run folder or a file in one)."""
     return RunFolder(_find_run_folder(Path(path).resolve())).config(field="teacher.checkpoint")
+
+
+def check_checkpoint_teacher(cfg: RunConfig) -> None:
+    """Every driver-side check of a ``teacher.checkpoint``, before anything starts or is written: the
+    path exists, it is inside a raykd run folder whose config parses, the classes match, and its
+    state file loads weights-only and fits the architecture its config describes."""
+    if cfg.teacher is None or cfg.teacher.checkpoint is None:
+        return
+    path = Path(cfg.teacher.checkpoint)
+    if not path.exists():
+        raise ConfigError("teacher.checkpoint", f"{path} does not exist; give a raykd run folder")
+    mismatch = class_mismatch(cfg.data, teacher_config(path).data)
+    if mismatch:
+        raise ConfigError("teacher.checkpoint", f"data.{mismatch[0]}: {mismatch[1]}")
+    try:
+        load_teacher(path, torch.device("cpu"))
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: name it and say what to do
+        state = _latest_state(path.resolve())
+        raise ConfigError("teacher.checkpoint", f"cannot load {state} ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0][:160]}); point at an intact raykd run folder or "
+                          "retrain the teacher") from None  # fmt: skip
 
 
 def ensure_teacher(cfg: RunConfig, cache_root: Path, train: Callable[[RunConfig, Path], object]) -> Path | None:

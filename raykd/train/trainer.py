@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from raykd.config import RunConfig, parse_run_config
+from raykd.errors import DivergedError
 from raykd.train.loop import train_loop
 from raykd.train.runfolder import PROGRESS_FILE, TRAIN_RUN_NAME, RunFolder
 
@@ -73,7 +74,10 @@ class RayTrainSession:
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
-        return Path(ckpt.to_directory()) if ckpt is not None else None
+        if ckpt is None:
+            return None
+        local = Path(ckpt.path)  # on local or shared storage: the folder itself (its siblings are the fallbacks)
+        return local if local.is_dir() else Path(ckpt.to_directory())
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         import ray.train.torch
@@ -85,7 +89,7 @@ def _worker_fn(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker."""
     cfg = parse_run_config(config["config"])
     train_loop(cfg, RayTrainSession(config["run_dir"]), config["run_dir"], stop_at=config.get("stop_at"),
-               teacher_dir=config.get("teacher_dir"))  # fmt: skip
+               teacher_dir=config.get("teacher_dir"), watched=tuple(config.get("watched") or ()))  # fmt: skip
 
 
 #: progress-line names for log keys (others are shown under their own name)
@@ -160,7 +164,9 @@ def _reachable(address: str, timeout_s: float = 10.0) -> None:
 def init_ray(
     num_cpus_needed: float, address: str | None = None, verbose: bool = False, include_dashboard: bool = False
 ) -> None:
-    """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray with enough logical CPUs.
+    """Join ``address`` (or ``RAY_ADDRESS``), or start a private local Ray with enough logical CPUs
+    (never the cluster a ``ray start --head`` left running on this machine: join that one with
+    ``--address auto``).
 
     A local Ray with the dashboard on gets its own dashboard port, and every process of the job is
     told that address (``RAY_API_SERVER_ADDRESS``).  Ray Train's placement-group cleaner queries the
@@ -199,8 +205,10 @@ def init_ray(
         port = _free_port()
         extra = {"dashboard_port": port,
                  "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}  # fmt: skip
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus_needed)), include_dashboard=include_dashboard,
-             **extra, **common)  # fmt: skip
+    # address="local": always a private instance; without it ray.init() joins a cluster that `ray start --head`
+    # left on this machine, and then refuses num_cpus
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus_needed)),
+             include_dashboard=include_dashboard, **extra, **common)  # fmt: skip
 
 
 def build_trainer(
@@ -212,6 +220,7 @@ def build_trainer(
     stop_at: int | None = None,
     controller_failure_limit: int = 1,
     storage_path: str | None = None,
+    watched: tuple[str, ...] = (),
 ):
     """The ``TorchTrainer`` of one run, sized by ``cfg.scaling`` (gloo on CPU, nccl on GPU).
 
@@ -231,6 +240,7 @@ def build_trainer(
             "run_dir": str(run_dir),
             "stop_at": stop_at,
             "teacher_dir": str(teacher_dir) if teacher_dir else None,
+            "watched": list(watched),
         },
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -246,6 +256,13 @@ def build_trainer(
             ),
         ),
     )
+
+
+def raise_if_diverged(folder: RunFolder) -> None:
+    """Raise :class:`~raykd.errors.DivergedError` when the run folder records a divergence."""
+    failure = folder.failure()
+    if failure is not None:
+        raise DivergedError(str(failure.get("reason")), failure.get("step"), str(folder.path))
 
 
 def run_training(
@@ -271,13 +288,20 @@ def run_training(
     tail.start()
     started = time.time()
     try:
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except SystemExit as e:  # Ray Train's own SIGINT handler ends in sys.exit(0): that is a Ctrl-C
+            if e.code in (0, None):
+                raise KeyboardInterrupt from None
+            raise
     finally:
         tail.stop.set()
         tail.join()
     metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
     metrics["wall_s"] = time.time() - started
-    folder = RunFolder(run_dir)  # result.json was written by rank 0 at the last step; add what only the driver knows
+    folder = RunFolder(run_dir)
+    raise_if_diverged(folder)
+    # result.json was written by rank 0 at the last step; add what only the driver knows
     folder.update_result(wall_s=metrics["wall_s"], checkpoint=folder.relative(result.checkpoint.path if
                                                                               result.checkpoint else None))  # fmt: skip
     return metrics

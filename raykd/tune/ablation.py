@@ -13,6 +13,7 @@ resumes the grid; finished trials are kept.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,10 @@ import yaml
 from raykd.config import parse_config, read_yaml
 from raykd.data import data_of
 from raykd.errors import ConfigError
-from raykd.train.teacher import prepare_teacher
+from raykd.train.runfolder import first_difference
+from raykd.train.teacher import check_checkpoint_teacher, prepare_teacher
 from raykd.tune.config import AblationConfig
+from raykd.tune.lock import StudyLock
 from raykd.tune.progress import ProgressTable
 from raykd.tune.records import TUNE_DIR, collect_trials
 from raykd.tune.resources import cluster_nodes, concurrency, init_ray_for
@@ -72,6 +75,7 @@ def check_ablation(abl: AblationConfig) -> None:
                 raise ConfigError(f"grid.{key}", f"value {v!r} is invalid for {e.field}: {e.message}") from None
     check_metric(abl.base, abl.metric, field="metric")
     data_of(abl.base)
+    check_checkpoint_teacher(abl.base)
 
 
 def folder_of(abl: AblationConfig) -> Path:
@@ -93,29 +97,49 @@ def write_report(folder: Path, abl: AblationConfig) -> dict[str, Path]:
 
 
 def run(abl: AblationConfig, address: str | None = None) -> int:
-    """``raykd ablate``: run (or resume) the grid, then write the CSV, Markdown table and plot."""
+    """``raykd ablate``: run (or resume) the grid, then write the CSV, Markdown table and plot.
+
+    Before Ray starts: the folder's lock (one driver at a time) and, when the folder holds an
+    ablation already, that it is this one (the first difference is named)."""
+    folder = folder_of(abl)
+    lock = StudyLock(folder)
+    lock.check_free(f"ablation {abl.name!r}")
+    resuming = (folder / TUNE_DIR / "tuner.pkl").exists()
+    if resuming:
+        old = read_yaml(folder / ABLATION_FILE)
+        diff = first_difference(old, abl.model_dump(mode="json"))
+        if diff:
+            raise ConfigError("name", f"{folder} holds a different ablation ({diff}); pick another name or --storage "
+                              "to keep both")  # fmt: skip
+    lock.acquire(f"ablation {abl.name!r}")
+    try:
+        return _run_locked(abl, folder, resuming, address)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; resume with the same command: raykd ablate <file> (folder {folder})", file=sys.stderr)
+        return 130
+    finally:
+        lock.release()
+
+
+def _run_locked(abl: AblationConfig, folder: Path, resuming: bool, address: str | None) -> int:
     from ray import tune
 
-    folder = folder_of(abl)
     keys = list(abl.grid)
     n_trials = len(abl.seeds) * _cells(abl)
+    print("starting Ray…" if not (address or os.environ.get("RAY_ADDRESS")) else "joining Ray…", flush=True)
     cluster = init_ray_for(abl.base, address)
     joined = bool(address or os.environ.get("RAY_ADDRESS"))
     max_conc = concurrency(abl.base, n_trials, abl.max_concurrent, cluster, cluster_nodes(), joined)
     tune_dir = (folder / TUNE_DIR).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
     check_shared(folder)  # a multi-node cluster: every node must see the ablation folder
     teacher_dirs = prepare_teachers(abl, folder, address)
-    trainable = make_trainable(abl.base, keys, folder, seed_keys=seed_keys(abl), teacher_dir=teacher_dirs)
+    trainable = make_trainable(abl.base, keys, folder, seed_keys=seed_keys(abl), teacher_dir=teacher_dirs,
+                               watched=(abl.metric,))  # fmt: skip
     started = time.time()
-    if tune.Tuner.can_restore(str(tune_dir)):
-        old = parse_config(read_yaml(folder / ABLATION_FILE), AblationConfig)
-        if old.model_dump() != abl.model_dump():
-            raise ConfigError("name", f"{folder} holds a different ablation; pick another name or --storage")
+    if resuming and tune.Tuner.can_restore(str(tune_dir)):
         print(f"resuming ablation {abl.name} in {folder} (finished trials are kept)", flush=True)
         tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True).fit()
     else:
-        folder.mkdir(parents=True, exist_ok=True)
         (folder / ABLATION_FILE).write_text(yaml.safe_dump(abl.model_dump(mode="json"), sort_keys=False))
         grid = " x ".join(f"{k} {v}" for k, v in abl.grid.items())
         print(f"raykd ablate {abl.name}: {grid} x seeds {abl.seeds} = {n_trials} runs of {abl.base.method.name} on "
@@ -137,6 +161,9 @@ def run(abl: AblationConfig, address: str | None = None) -> int:
     recs = records(folder, abl)
     done = sum(r["state"] == "done" for r in recs)
     print(f"\nablation {abl.name}: {done}/{n_trials} runs finished in {time.time() - started:.0f} s")
+    for r in recs:
+        if r.get("reason"):
+            print(f"  run {r['trial_id']} failed: {r['reason']}")
     print(Path(paths["md"]).read_text())
     print(f"table: {paths['csv']}\nplot:  {paths['png']}")
     return 0 if done == n_trials else 1

@@ -27,7 +27,9 @@ class TuneSettings(Strict):
     reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep 1/reduction_factor at each rung")
     max_concurrent: int | None = Field(None, ge=1, description="cap on concurrent trials (default: what fits)")
     seed: int = Field(0, description="seed of the Optuna TPE sampler")
-    max_failures: int = Field(0, ge=0, description="restarts of a failed trial from its last checkpoint")
+    max_failures: int = Field(
+        3, ge=0, description="restarts of a failed trial from its last checkpoint (a lost or preempted node)"
+    )
     storage: str | None = Field(None, description="parent folder (or URI) of the study folder; default runs/")
 
     @field_validator("storage")

@@ -23,6 +23,7 @@ from typing import Any
 
 from raykd.report import rank_trials
 from raykd.train.runfolder import CONFIG_FILE, RunFolder
+from raykd.tune.lock import StudyLock
 
 STUDY_FILE = "study.yaml"
 TUNE_DIR = "tune"
@@ -69,16 +70,23 @@ def _tune_states(study_dir: Path) -> dict[str, str]:
     return out
 
 
-def collect_trials(study_dir: Path, keys: list[str], steps: int) -> list[dict[str, Any]]:
+def collect_trials(
+    study_dir: Path, keys: list[str], steps: int, driver_alive: bool | None = None
+) -> list[dict[str, Any]]:
     """Trial records (trial_id, state, params, metrics, history) from the trial folders, in the order
     the trials started (their config.yaml's time, then their id).
 
     state: ``done`` (reached train.steps), ``stopped`` (ended early by the scheduler), ``running``,
-    ``error``, or ``interrupted`` (the driver died while it ran; ``raykd study resume`` continues it).
+    ``failed`` (diverged: its ``reason`` is in the record), ``error`` (crashed), or ``interrupted``
+    (the driver died or was stopped while it ran; ``raykd study resume`` continues it).
     A trial folder whose files cannot be read is skipped with a warning naming the file; the rest of
-    the study still reads.
+    the study still reads.  A trial Tune last saw running counts as ``running`` only while a driver
+    holds the study's lock (``driver_alive``; None = look at the lock), else as ``interrupted``.
     """
     tune_states = _tune_states(study_dir)
+    if driver_alive is None:
+        driver_alive = StudyLock(study_dir).holder() is not None
+    live = {"RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"} if driver_alive else {}
     folders = sorted((study_dir / TRIALS_DIR).glob(f"*/{CONFIG_FILE}"),
                      key=lambda p: (p.stat().st_mtime, p.parent.name))  # fmt: skip
     records = []
@@ -89,15 +97,19 @@ def collect_trials(study_dir: Path, keys: list[str], steps: int) -> list[dict[st
             continue
         history = run.progress()
         result = run.result()
+        failure = run.failure() if result is None else None
         tune_state = tune_states.get(run.path.name, "")
         if result is not None:
             metrics, state = result, "done"
+        elif failure is not None:
+            metrics, state = history[-1] if history else {}, "failed"
         else:
             metrics = history[-1] if history else {}
-            state = {"RUNNING": "running", "ERROR": "error", "TERMINATED": "stopped", "PENDING": "pending",
-                     "PAUSED": "paused"}.get(tune_state, "interrupted")  # fmt: skip
+            state = {**live, "ERROR": "error", "TERMINATED": "stopped"}.get(tune_state, "interrupted")
         records.append({"trial_id": run.path.name, "state": state, "params": {k: _dotted(cfg, k) for k in keys},
                         "metrics": metrics, "history": history})  # fmt: skip
+        if failure is not None:
+            records[-1]["reason"] = f"diverged at step {failure.get('step')}: {failure.get('reason')}"
     return records
 
 

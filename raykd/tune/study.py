@@ -32,8 +32,9 @@ from raykd.config import RunConfig, dump_run_config, parse_config, read_yaml
 from raykd.data import data_of
 from raykd.errors import ConfigError, raykd_command
 from raykd.train.runfolder import RunFolder
-from raykd.train.teacher import prepare_teacher
+from raykd.train.teacher import check_checkpoint_teacher, prepare_teacher
 from raykd.tune.config import StudyConfig
+from raykd.tune.lock import StudyLock
 from raykd.tune.mirror import _WORKING_COPY, TrialMirror
 from raykd.tune.progress import ProgressTable, _fmt, render_table
 from raykd.tune.records import OPTUNA_DB, STUDY_FILE, TRIALS_DIR, TUNE_DIR, collect_trials, rank_trials
@@ -68,6 +69,7 @@ def check_study(study: StudyConfig) -> dict[str, Dist]:
         print(f"warning: selecting on {study.tune.metric} tunes on the test set; set base.data.val_per_class and "
               "tune.metric: val_acc for an unbiased test figure", file=sys.stderr)  # fmt: skip
     data_of(study.base)
+    check_checkpoint_teacher(study.base)
     teacher = study.base.teacher
     if is_uri(study.tune.storage) and teacher is not None and teacher.run is not None:
         raise ConfigError("base.teacher.run", "with a cloud URI as storage, trials on other nodes cannot read a "
@@ -108,12 +110,14 @@ def build_tuner(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
+
+    from raykd.tune.search import RaykdOptunaSearch
 
     t = study.tune
-    searcher = OptunaSearch(
+    searcher = RaykdOptunaSearch(
         space=functools.partial(suggest, space=space), metric=t.metric, mode=t.mode, seed=t.seed,
         storage=optuna.storages.RDBStorage(f"sqlite:///{(study_dir / OPTUNA_DB).resolve()}"), study_name=study.name,
+        study_dir=study_dir,
     )  # fmt: skip
     if t.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", metric=t.metric, mode=t.mode, max_t=num_evals(study.base),
@@ -124,7 +128,8 @@ def build_tuner(
     if remote is not None:
         callbacks.append(TrialMirror(study_dir, remote, study.base, list(study.search)))
     return tune.Tuner(
-        make_trainable(study.base, list(study.search), study_dir, teacher_dir=teacher_dir, remote=remote),
+        make_trainable(study.base, list(study.search), study_dir, teacher_dir=teacher_dir, remote=remote,
+                       watched=(study.tune.metric,)),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=t.num_samples,
                                     max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
@@ -190,10 +195,18 @@ def status_text(study_dir: Path) -> str:
     rows = [{"trial_id": r["trial_id"], "state": r["state"], "params": r["params"], "step": r["metrics"].get("step"),
              "metric": r["metrics"].get(t.metric)} for r in records]  # fmt: skip
     done = sum(r["state"] == "done" for r in records)
-    head = f"study {study.name}: {len(records)}/{t.num_samples} trials started, {done} finished; best by {t.metric}"
+    holder = StudyLock(study_dir).holder()
+    running = f"running ({holder})" if holder else "no driver running"
+    head = (f"study {study.name}: {len(records)}/{t.num_samples} trials started, {done} finished, {running}; "
+            f"best by {t.metric}")  # fmt: skip
     if not rows:
         return head + "\n(no trial has started yet)"
-    return head + "\n" + render_table(rows, list(study.search), t.metric, t.mode, study.base.train.steps)
+    lines = [head, render_table(rows, list(study.search), t.metric, t.mode, study.base.train.steps)]
+    lines += [f"{r['trial_id']} failed: {r['reason']}" for r in records if r.get("reason")]
+    if any(r["state"] == "interrupted" for r in records):
+        lines.append(f"interrupted trials continue from their latest checkpoint with: {raykd_command()} study resume "
+                     f"{study_dir}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def read_study(study_dir: Path) -> StudyConfig:
@@ -216,19 +229,34 @@ def write_report(study_dir: Path, records: list[dict] | None = None) -> dict[str
 
 
 def _finish(study: StudyConfig, study_dir: Path, wall: float) -> int:
+    """The end of ``run`` / ``resume``: report, summary, export.  An experiment that stopped before
+    every trial ended (Ctrl-C) exports nothing and returns 130 with the resume command; a study with
+    crashed trials returns 1 (after exporting the best finished trial); diverged trials are listed."""
     t = study.tune
-    records = collect_trials(study_dir, list(study.search), study.base.train.steps)
+    records = collect_trials(study_dir, list(study.search), study.base.train.steps, driver_alive=False)
     ranked = rank_trials(records, t.metric, t.mode)
     try:
         write_report(study_dir, records)
     except Exception as e:  # noqa: BLE001 - a plot must not hide the study's result
         print(f"warning: could not write the study report ({e}); run `raykd report {study_dir}`", file=sys.stderr)
-    states = {s: sum(r["state"] == s for r in records) for s in ("done", "stopped", "error", "interrupted")}
+    states = {s: sum(r["state"] == s for r in records)
+              for s in ("done", "stopped", "failed", "error", "interrupted")}  # fmt: skip
     print(
         f"\nstudy {study.name}: {len(records)} trials in {wall:.0f} s ("
         + ", ".join(f"{v} {k}" for k, v in states.items() if v)
         + ")"
     )
+    for r in records:
+        if r.get("reason"):
+            print(f"  trial {r['trial_id']} failed: {r['reason']}")
+        elif r["state"] == "error":
+            print(f"  trial {r['trial_id']} crashed; its error is in {study_dir / TUNE_DIR / r['trial_id']}/error.txt")
+    unfinished = states["interrupted"] or len(records) < t.num_samples
+    if unfinished:
+        print(f"interrupted; resume with: {raykd_command()} study resume {study_dir}", file=sys.stderr)
+        print(f"(nothing exported: {states['done']} of {t.num_samples} trials finished; `raykd study status "
+              f"{study_dir}` shows them)", file=sys.stderr)  # fmt: skip
+        return 130
     if not ranked:
         print(f"no trial reported {t.metric}; see {study_dir / TUNE_DIR} for errors", file=sys.stderr)
         return 1
@@ -241,18 +269,38 @@ def _finish(study: StudyConfig, study_dir: Path, wall: float) -> int:
     )
     (path,) = export(study_dir, study_dir / "best.yaml")
     print(f"best config: {path}\nre-run it:   {raykd_command()} train {path}\nreport:      {study_dir / 'study.md'}")
+    if states["error"]:
+        print(f"{states['error']} trial(s) crashed (see above); the best finished trial was exported", file=sys.stderr)
+        return 1
     return 0
 
 
 def run(study: StudyConfig, space: dict[str, Dist], address: str | None = None) -> int:
-    """``raykd study run``: start a new study (``space`` from :func:`check_study`)."""
+    """``raykd study run``: start a new study (``space`` from :func:`check_study`).  Ctrl-C stops it
+    with exit code 130 and the resume command; nothing is exported from unfinished trials."""
     study_dir, remote = study_dir_of(study), remote_dir_of(study)
+    lock = StudyLock(study_dir)
+    lock.check_free(f"study {study.name!r}")
     if (study_dir / TUNE_DIR / "tuner.pkl").exists() or (study_dir / STUDY_FILE).exists():
         raise ConfigError("--name", f"study {study.name!r} already exists in {study_dir}: continue it with "
                           f"`raykd study resume {study_dir}`, or pick another --name / --storage")  # fmt: skip
     if remote is not None and uri_exists(join(remote, TUNE_DIR)):
         raise ConfigError("--name", f"study {study.name!r} already exists in {remote}: copy it to {study_dir} and "
                           f"`raykd study resume {study_dir}`, or pick another --name / --storage")  # fmt: skip
+    lock.acquire(f"study {study.name!r}")  # from here on a second `study run` / `resume` is refused
+    try:
+        return _run_locked(study, space, study_dir, remote, address)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; resume with: {raykd_command()} study resume {study_dir}", file=sys.stderr)
+        return 130
+    finally:
+        lock.release()
+
+
+def _run_locked(study: StudyConfig, space: dict[str, Dist], study_dir: Path, remote: str | None,
+                address: str | None) -> int:  # fmt: skip
+    print("starting Ray…" if not (address or os.environ.get("RAY_ADDRESS")) else f"joining Ray at "
+          f"{address or os.environ['RAY_ADDRESS']}…", flush=True)  # fmt: skip
     cluster = init_ray_for(study.base, address)
     joined = bool(address or os.environ.get("RAY_ADDRESS"))
     nodes = cluster_nodes()
@@ -261,7 +309,6 @@ def run(study: StudyConfig, space: dict[str, Dist], address: str | None = None) 
     if max_conc > fits_now:
         print(f"note: the cluster fits {fits_now} trial(s) now; up to {max_conc} start as the autoscaler adds nodes",
               flush=True)  # fmt: skip
-    study_dir.mkdir(parents=True, exist_ok=True)
     if remote is None:
         check_shared(study_dir)  # a multi-node cluster: every node must see the study folder
     _WORKING_COPY[study.name] = study_dir.resolve()
@@ -279,6 +326,7 @@ def run(study: StudyConfig, space: dict[str, Dist], address: str | None = None) 
     )
     started = time.time()
     teacher_dir = prepare_teacher(study.base, study_dir, address)
+    print(f"waiting for the first {min(max_conc, t.num_samples)} trial(s) to start…", flush=True)
     build_tuner(study, space, study_dir, max_conc, teacher_dir, remote).fit()
     return _finish_and_sync(study, study_dir, remote, time.time() - started)
 
@@ -294,30 +342,91 @@ def _finish_and_sync(study: StudyConfig, study_dir: Path, remote: str | None, wa
     return rc
 
 
+#: what ``Tuner.restore`` unpickles from a study folder (running their code is what a resume trusts)
+PICKLES = ("tuner.pkl", "searcher-state-*.pkl", "*.pkl")
+
+
+def check_trusted(study_dir: Path) -> None:
+    """Refuse to unpickle Ray's state from a folder that someone else could have written.
+
+    ``raykd study resume`` hands ``tune/tuner.pkl`` and the searcher state to ``Tuner.restore``,
+    which unpickles them: whoever can write those files can run code as the user who resumes.  They
+    must belong to this user and be writable by nobody else (as raykd writes them)."""
+    tune_dir = study_dir / TUNE_DIR
+    found = {p for pattern in PICKLES for p in tune_dir.glob(pattern)}
+    for path in sorted(found):
+        st = path.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            who = "belongs to another user" if st.st_uid != os.getuid() else "is writable by group or others"
+            raise ConfigError(str(path), f"{who}; resuming unpickles it, which runs whatever it holds. If you "
+                              f"trust it, make it yours and private (chown, chmod go-w {path}), or start a new "
+                              "study")  # fmt: skip
+
+
 def resume(study_dir: Path, address: str | None = None) -> int:
-    """``raykd study resume``: finish an interrupted study; finished trials are kept, not re-run."""
+    """``raykd study resume``: finish an interrupted study; finished trials are kept, not re-run.
+
+    Every check runs before Ray starts: the study folder, its lock (one driver at a time), the Tune
+    experiment and the Optuna database it continues, and that the pickles it unpickles are the
+    user's own."""
     from ray import tune
 
     if not (study_dir / STUDY_FILE).exists():
         raise ConfigError(str(study_dir), f"not a study folder (no {STUDY_FILE}); pass the folder `raykd study run` "
                           "created, e.g. runs/<name>")  # fmt: skip
     study = read_study(study_dir)
-    check_study(study)
+    space = check_study(study)
     remote = remote_dir_of(study)
+    lock = StudyLock(study_dir)
+    lock.check_free(f"study {study.name!r}")
     tune_dir = join(remote, TUNE_DIR) if remote else str((study_dir / TUNE_DIR).resolve())
+    if not tune.Tuner.can_restore(tune_dir):
+        raise ConfigError(str(study_dir), f"its Ray Tune experiment is missing ({tune_dir}/tuner.pkl), so its trials "
+                          "cannot be continued; the finished ones stay readable (`raykd study status` / `export`). "
+                          "Start a new study from the same file with another name: `raykd study run FILE --name "
+                          f"{study.name}-2`")  # fmt: skip
+    records = collect_trials(study_dir, list(study.search), study.base.train.steps, driver_alive=False)
+    ended = [r for r in records if r["state"] in ("done", "stopped", "failed")]
+    db = study_dir / OPTUNA_DB
+    if remote is None and not db.exists():
+        if len(ended) >= study.tune.num_samples:
+            from raykd.tune.search import rebuild_optuna
+
+            rebuild_optuna(f"sqlite:///{db.resolve()}", study.name, study.tune.metric, study.tune.mode, space, records)
+            print(f"study {study.name} had finished; {OPTUNA_DB} was missing and is rebuilt from its {len(records)} "
+                  f"trial folders: {db}", flush=True)  # fmt: skip
+            return 0
+        raise ConfigError(str(db), "is missing, and the study is not finished: Optuna's search history cannot be "
+                          "restored, so the search would not continue where it stopped. Put the file back, or "
+                          f"start a new study (`raykd study run FILE --name {study.name}-2`); the finished trials "
+                          "stay readable with `raykd study status` / `export`")  # fmt: skip
+    if remote is None:
+        check_trusted(study_dir)
+    lock.acquire(f"study {study.name!r}")
+    try:
+        return _resume_locked(study, study_dir, remote, tune_dir, address, records)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; resume with: {raykd_command()} study resume {study_dir}", file=sys.stderr)
+        return 130
+    finally:
+        lock.release()
+
+
+def _resume_locked(study: StudyConfig, study_dir: Path, remote: str | None, tune_dir: str, address: str | None,
+                   records: list[dict]) -> int:  # fmt: skip
+    from ray import tune
+
+    print("starting Ray…" if not (address or os.environ.get("RAY_ADDRESS")) else "joining Ray…", flush=True)
     init_ray_for(study.base, address)
     if remote is None:
         check_shared(study_dir)
     _WORKING_COPY[study.name] = study_dir.resolve()
-    if not tune.Tuner.can_restore(tune_dir):
-        raise ConfigError(str(study_dir), f"the Tune experiment was never saved ({tune_dir}/tuner.pkl missing); start "
-                          "it again with `raykd study run`")  # fmt: skip
-    done = [r["trial_id"] for r in collect_trials(study_dir, list(study.search), study.base.train.steps)
-            if r["state"] == "done"]  # fmt: skip
+    done = [r["trial_id"] for r in records if r["state"] == "done"]
     print(f"resuming study {study.name} in {study_dir}: {len(done)} finished trial(s) kept", flush=True)
     started = time.time()
     teacher_dir = prepare_teacher(study.base, study_dir, address)  # cached: found, not retrained
-    trainable = make_trainable(study.base, list(study.search), study_dir, teacher_dir=teacher_dir, remote=remote)
+    trainable = make_trainable(study.base, list(study.search), study_dir, teacher_dir=teacher_dir, remote=remote,
+                               watched=(study.tune.metric,))  # fmt: skip
     tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True,
                                resume_errored=True)  # fmt: skip
     tuner.fit()

@@ -27,6 +27,7 @@ from torch import nn
 
 from raykd.config import RunConfig
 from raykd.train.runfolder import RunFolder
+from raykd.train.trainer import raise_if_diverged
 from raykd.tune.records import TRIALS_DIR
 from raykd.tune.resources import trial_resources
 from raykd.tune.space import with_params
@@ -55,14 +56,21 @@ class TuneInlineSession:
         from ray import tune
 
         ckpt = tune.get_checkpoint()
-        return Path(ckpt.to_directory()) if ckpt is not None else None
+        if ckpt is None:
+            return None
+        local = Path(ckpt.path)  # on local or shared storage: the folder itself (its siblings are the fallbacks)
+        return local if local.is_dir() else Path(ckpt.to_directory())
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
 
 
 def run_trial(
-    cfg: RunConfig, run_dir: Path, teacher_dir: str | None = None, train_storage: str | None = None
+    cfg: RunConfig,
+    run_dir: Path,
+    teacher_dir: str | None = None,
+    train_storage: str | None = None,
+    watched: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Train ``cfg`` as the current Tune trial, in ``run_dir``; returns the final metrics.
 
@@ -76,18 +84,22 @@ def run_trial(
     if metrics is not None:  # finished before the driver was interrupted: keep it, never re-run
         tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
         return metrics
+    raise_if_diverged(folder)  # a diverged trial retried by Tune fails again at once
     folder.write_config(cfg)
     if cfg.scaling.num_workers == 1:
         from raykd.train.loop import train_loop
 
-        metrics = train_loop(cfg, TuneInlineSession(cfg.scaling.use_gpu, run_dir), run_dir, teacher_dir=teacher_dir)
+        metrics = train_loop(cfg, TuneInlineSession(cfg.scaling.use_gpu, run_dir), run_dir, teacher_dir=teacher_dir,
+                             watched=watched)  # fmt: skip
     else:
-        metrics = _fit_train_in_tune(cfg, run_dir, teacher_dir, train_storage)
+        metrics = _fit_train_in_tune(cfg, run_dir, teacher_dir, train_storage, watched)
+    raise_if_diverged(folder)  # Tune marks the trial ERROR, Optuna FAIL
     return metrics  # result.json was written by the loop at the last step
 
 
 def _fit_train_in_tune(
-    cfg: RunConfig, run_dir: Path, teacher_dir: str | None, train_storage: str | None = None
+    cfg: RunConfig, run_dir: Path, teacher_dir: str | None, train_storage: str | None = None,
+    watched: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -95,7 +107,7 @@ def _fit_train_in_tune(
 
     # the Train run is named per trial folder: a restarted trial resumes its own snapshot
     trainer = build_trainer(cfg, run_dir, teacher_dir, callbacks=[TuneReportCallback()], controller_failure_limit=3,
-                            storage_path=train_storage)  # fmt: skip
+                            storage_path=train_storage, watched=watched)  # fmt: skip
     result = trainer.fit()
     return {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_") and k != "checkpoint_path"}
 
@@ -107,12 +119,14 @@ def make_trainable(
     seed_keys: tuple[str, ...] = (),
     teacher_dir: Path | dict[int, Path] | None = None,
     remote: str | None = None,
+    watched: tuple[str, ...] = (),
 ):
     """The Tune trainable of a study (``keys`` = the searched knobs) or an ablation (the grid knobs;
     the trial's ``seed`` param goes to every key of ``seed_keys``), with the trial's resources.  The
     teacher, if any, was trained by the driver beforehand (``teacher_dir``, or one per seed); trials
     only load it.  With ``remote`` (cloud storage ``<uri>/<name>``) a trial writes its run folder in a
-    scratch folder of its node and its Train checkpoints to ``<remote>/trials/<id>``."""
+    scratch folder of its node and its Train checkpoints to ``<remote>/trials/<id>``.  ``watched``:
+    metrics that must stay finite (the study's metric); a trial that diverges fails."""
     from ray import tune
 
     root, raw, name = str(study_dir.resolve()), base.model_dump(mode="json"), study_dir.name
@@ -127,16 +141,15 @@ def make_trainable(
         trial_id = tune.get_context().get_trial_id()
         teacher = teachers.get(config.get("seed"), teachers.get(None))
         if remote is None:
-            run_trial(with_params(raw, params), Path(root) / TRIALS_DIR / trial_id, teacher_dir=teacher)
+            run_trial(with_params(raw, params), Path(root) / TRIALS_DIR / trial_id, teacher_dir=teacher,
+                      watched=watched)  # fmt: skip
         else:  # the driver rebuilds the trial folder from Tune's results; this node's copy is scratch
             scratch = node_local_root(name) / TRIALS_DIR / trial_id
             run_trial(with_params(raw, params), scratch, teacher_dir=teacher,
-                      train_storage=join(remote, TRIALS_DIR, trial_id))  # fmt: skip
+                      train_storage=join(remote, TRIALS_DIR, trial_id), watched=watched)  # fmt: skip
             shutil.rmtree(scratch, ignore_errors=True)
 
     return tune.with_resources(raykd_trial, trial_resources(base))
-
-
 
 
 def trial_dirname(trial) -> str:
