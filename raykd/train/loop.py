@@ -213,11 +213,12 @@ def _load_state(run: Run, ckpt: Path, folder: RunFolder) -> dict[str, Any]:
                        "move the folder away to start the run again")
 
 
-def restore(run: Run, ckpt: Path | None, folder: RunFolder | None = None) -> None:
-    """Phase 2: load the latest intact checkpoint (model, extras, EMA, optimiser, method state, step)."""
+def restore(run: Run, ckpt: Path | None, folder: RunFolder) -> None:
+    """Phase 2: load the latest intact checkpoint (model, extras, EMA, optimiser, method state, step);
+    ``folder``'s other checkpoints are the fallbacks."""
     if ckpt is None:
         return
-    state = _load_state(run, Path(ckpt), folder or RunFolder(ckpt))
+    state = _load_state(run, Path(ckpt), folder)
     run.raw.load_state_dict(state["model"])
     for name, m in run.extras.items():
         unwrap(m).load_state_dict(state["extras"][name])

@@ -234,9 +234,8 @@ class RunFolder:
 
     def state_files(self) -> list[Path]:
         """Every checkpoint's state file, newest first (Ray Train's and in-process ones)."""
-        found = list(self.path.glob(f"{TRAIN_RUN_NAME}/checkpoint*/{STATE_FILE}"))
+        found = list(self.path.glob(f"**/checkpoint*/{STATE_FILE}"))  # Ray Train's (train/checkpoint_*)
         found += list(self.path.glob(f"{LOCAL_CHECKPOINTS}/*/{STATE_FILE}"))
-        found += list(self.path.glob(f"**/checkpoint*/{STATE_FILE}"))
         unique = {p.resolve(): p for p in found}
         return sorted(unique.values(), key=lambda p: p.stat().st_mtime, reverse=True)
 

@@ -49,24 +49,31 @@ def teacher_config(path: str | Path) -> RunConfig:
     return RunFolder(_find_run_folder(Path(path).resolve())).config(field="teacher.checkpoint")
 
 
-def check_checkpoint_teacher(cfg: RunConfig) -> None:
-    """Every driver-side check of a ``teacher.checkpoint``, before anything starts or is written: the
-    path exists, it is inside a raykd run folder whose config parses, the classes match, and its
-    state file loads weights-only and fits the architecture its config describes."""
-    if cfg.teacher is None or cfg.teacher.checkpoint is None:
-        return
+def _checkpoint_folder(cfg: RunConfig) -> Path:
+    """A ``teacher.checkpoint`` that exists, lies in a raykd run folder and shares the student's
+    classes, resolved; ConfigError on ``teacher.checkpoint`` otherwise."""
     path = Path(cfg.teacher.checkpoint)
     if not path.exists():
         raise ConfigError("teacher.checkpoint", f"{path} does not exist; give a raykd run folder")
     mismatch = class_mismatch(cfg.data, teacher_config(path).data)
     if mismatch:
         raise ConfigError("teacher.checkpoint", f"data.{mismatch[0]}: {mismatch[1]}")
+    return path.resolve()
+
+
+def check_checkpoint_teacher(cfg: RunConfig) -> None:
+    """Every driver-side check of a ``teacher.checkpoint``, before anything starts or is written: the
+    path exists, it is inside a raykd run folder whose config parses, the classes match, and its
+    state file loads weights-only and fits the architecture its config describes."""
+    if cfg.teacher is None or cfg.teacher.checkpoint is None:
+        return
+    path = _checkpoint_folder(cfg)
     try:
         load_teacher(path, torch.device("cpu"))
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: name it and say what to do
-        state = _latest_state(path.resolve())
+        state = _latest_state(path)
         raise ConfigError("teacher.checkpoint", f"cannot load {state} ({type(e).__name__}: "
                           f"{(str(e).splitlines() or [''])[0][:160]}); point at an intact raykd run folder or "
                           "retrain the teacher") from None  # fmt: skip
@@ -80,13 +87,7 @@ def ensure_teacher(cfg: RunConfig, cache_root: Path, train: Callable[[RunConfig,
     if cfg.teacher is None:
         return None
     if cfg.teacher.checkpoint is not None:
-        path = Path(cfg.teacher.checkpoint)
-        if not path.exists():
-            raise ConfigError("teacher.checkpoint", f"{path} does not exist; give a raykd run folder")
-        mismatch = class_mismatch(cfg.data, teacher_config(path).data)
-        if mismatch:
-            raise ConfigError("teacher.checkpoint", f"data.{mismatch[0]}: {mismatch[1]}")
-        return path.resolve()
+        return _checkpoint_folder(cfg)
     folder = (cache_root / TEACHERS_DIR / f"teacher-{teacher_hash(cfg.teacher.run)}").resolve()
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f"{folder.name}.lock", "w") as lock:
