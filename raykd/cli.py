@@ -188,10 +188,12 @@ def _study_folder(path: str) -> Path:
 
 
 def cmd_study_run(args: argparse.Namespace) -> int:
+    from raykd.tune.config import parse_study_file
+
+    cfg = parse_study_file(args.config, name=args.name, storage=args.storage)  # typos refused before torch and Ray load
     from raykd.tune import study
 
-    cfg, space = study.load_study(args.config, name=args.name, storage=args.storage)
-    return study.run(cfg, space, address=args.address)
+    return study.run(cfg, study.check_study(cfg), address=args.address)
 
 
 def cmd_study_resume(args: argparse.Namespace) -> int:
@@ -216,9 +218,12 @@ def cmd_study_export(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
+    from raykd.tune.config import parse_ablation_file
+
+    abl = parse_ablation_file(args.config, storage=args.storage)  # typos refused before torch and Ray load
     from raykd.tune import ablation
 
-    abl = ablation.load_ablation(args.config, storage=args.storage)
+    ablation.check_ablation(abl)
     return ablation.run(abl, address=args.address)
 
 

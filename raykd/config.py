@@ -16,9 +16,8 @@ parsed as YAML scalars and type-checked by the same models.  Every validation pr
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import (
@@ -34,7 +33,7 @@ from pydantic import (
 )
 
 from raykd.errors import ConfigError
-from raykd.registry import DATASETS, METHODS, MODELS
+from raykd.registry import DATASETS, METHODS, MODELS, REQUIRED
 
 # --------------------------------------------------------------------------------------------
 # knobs and search ranges
@@ -176,7 +175,8 @@ class DataConfig(Strict):
     @field_validator("name")
     @classmethod
     def _known_dataset(cls, v: str) -> str:
-        DATASETS.get(v)
+        if v not in DATASETS:
+            DATASETS.get(v)  # the unknown-name error
         return v
 
     @model_serializer(mode="wrap")
@@ -188,6 +188,18 @@ class DataConfig(Strict):
 
 
 _MODEL_FIXED = ("num_classes", "in_channels", "image_size", "bn_momentum")
+_ANNOTATIONS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _annotation(text: str | None) -> Any:
+    """A model argument's type from its annotation's source text (plain scalars; anything else: Any)."""
+    if text is None:
+        return Any
+    kinds = [k.strip() for k in text.split("|")]
+    if all(k in _ANNOTATIONS or k == "None" for k in kinds):
+        types = [type(None) if k == "None" else _ANNOTATIONS[k] for k in kinds]
+        return types[0] if len(types) == 1 else Union[tuple(types)]  # noqa: UP007
+    return Any
 
 
 class ModelConfig(BaseModel):
@@ -202,14 +214,16 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_args(self) -> ModelConfig:
-        builder = MODELS.get(self.name)
         extra = dict(self.model_extra or {})
+        if self.name not in MODELS:
+            MODELS.get(self.name)  # the unknown-name error
         if not extra:
             return self
+        # the builder's signature, read from its source (validating a config never imports torch)
         params = {
-            p.name: (p.annotation if p.annotation is not inspect.Parameter.empty else Any, p.default)
-            for p in inspect.signature(builder).parameters.values()
-            if p.name not in _MODEL_FIXED and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+            p.name: (_annotation(p.annotation), ... if p.default is REQUIRED else p.default)
+            for p in MODELS.parameters(self.name)
+            if p.name not in _MODEL_FIXED and not p.variadic
         }
         for key in extra:
             if key not in params:

@@ -2,9 +2,12 @@
 
 Each registry belongs to one plugin package (``raykd.data``, ``raykd.models``, ``raykd.methods``).
 Entries register themselves with a decorator (``@METHODS.register("fixmatch")``) in their own
-module; the registry finds them by **package scan**: the first lookup (``get``, ``names``, ``in``)
-imports every module of the package, so adding ``raykd/methods/<name>.py`` needs no other edit and no
-hand-kept list.  Modules whose name starts with ``_`` are helpers and are not scanned.
+module.  The registry finds them by **reading the package's source**: the first lookup parses every
+module of the package (``ast``, no import) for ``@<REGISTRY>.register("<name>")`` decorators, so
+adding ``raykd/methods/<name>.py`` needs no other edit and no hand-kept list.  A module is imported
+only when one of its entries is used (``get``), so validating a config imports the one method it
+names and never torch's model or data code: a typo is refused in well under a second.  Modules whose
+name starts with ``_`` are helpers and are not read.
 
 This module sits at the bottom of the house (it imports only :mod:`raykd.errors`): ``raykd.config``
 validates names through it without importing a plugin package itself.  Looking up an unknown name
@@ -13,9 +16,12 @@ raises :class:`raykd.errors.ConfigError` naming the config field and the allowed
 
 from __future__ import annotations
 
+import ast
 import importlib
-import pkgutil
+import importlib.util
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from raykd.errors import ConfigError
@@ -32,12 +38,13 @@ class Registry(Generic[T]):
         package: the package whose modules register entries (scanned on the first lookup).
     """
 
-    def __init__(self, kind: str, field: str, package: str):
+    def __init__(self, kind: str, field: str, package: str, symbol: str):
         self.kind = kind
         self.field = field
         self.package = package
+        self.symbol = symbol
         self._items: dict[str, T] = {}
-        self._scanned = False
+        self._index: dict[str, _Entry] | None = None
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator registering ``obj`` under ``name``; a duplicate name is a programming error."""
@@ -50,18 +57,28 @@ class Registry(Generic[T]):
 
         return deco
 
+    def index(self) -> dict[str, _Entry]:
+        """``name -> where it is registered``, read from the package's source files (no import)."""
+        if self._index is None:
+            spec = importlib.util.find_spec(self.package)
+            folders = list(spec.submodule_search_locations or []) if spec else []
+            index: dict[str, _Entry] = {}
+            for folder in folders:
+                for path in sorted(Path(folder).glob("*.py")):
+                    if not path.name.startswith("_"):
+                        for entry in _registrations(path, f"{self.package}.{path.stem}", self.symbol):
+                            index.setdefault(entry.name, entry)
+            self._index = index
+        return self._index
+
     def scan(self) -> None:
-        """Import every public module of the package (once); each registers its entries."""
-        if self._scanned:
-            return
-        self._scanned = True  # set first: a module that looks an entry up while being imported must not recurse
-        pkg = importlib.import_module(self.package)
-        for mod in pkgutil.iter_modules(pkg.__path__):
-            if not mod.name.startswith("_"):
-                importlib.import_module(f"{self.package}.{mod.name}")
+        """Import every module that registers an entry (``raykd methods`` lists all their configs)."""
+        for name in self.index():
+            self.get(name)
 
     def get(self, name: str) -> T:
-        self.scan()
+        if name not in self._items and name in self.index():
+            importlib.import_module(self.index()[name].module)
         try:
             return self._items[name]
         except KeyError:
@@ -69,25 +86,96 @@ class Registry(Generic[T]):
                 self.field, f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
             ) from None
 
+    def parameters(self, name: str) -> list[Parameter]:
+        """The parameters of a registered *function*, read from its source without importing it
+        (annotations as written, defaults as literals): what ``model.*`` arguments are checked against."""
+        if name not in self.index():
+            self.get(name)  # raises the unknown-name error
+        return list(self.index()[name].parameters)
+
     def names(self) -> list[str]:
-        self.scan()
-        return sorted(self._items)
+        return sorted({*self.index(), *self._items})
 
     def __contains__(self, name: object) -> bool:
-        self.scan()
-        return name in self._items
+        return name in self._items or name in self.index()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
-        self.scan()
-        return len(self._items)
+        return len(self.names())
+
+
+#: the default of a parameter that has none (or whose default is not a literal)
+REQUIRED: Any = object()
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One parameter of a registered function as written in its source."""
+
+    name: str
+    annotation: str | None  # the annotation's source text
+    default: Any  # a literal default, or REQUIRED
+    variadic: bool = False  # *args or **kwargs
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    module: str
+    parameters: tuple[Parameter, ...] = ()
+
+
+def _registrations(path: Path, module: str, symbol: str) -> list[_Entry]:
+    """Every ``@<symbol>.register("<name>")`` decorator of a module's top-level defs and classes."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found = []
+    for node in tree.body:
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            continue
+        for deco in node.decorator_list:
+            if (
+                isinstance(deco, ast.Call)
+                and isinstance(deco.func, ast.Attribute)
+                and deco.func.attr == "register"
+                and isinstance(deco.func.value, ast.Name)
+                and deco.func.value.id == symbol
+                and deco.args
+                and isinstance(deco.args[0], ast.Constant)
+                and isinstance(deco.args[0].value, str)
+            ):
+                params = _parameters(node.args) if not isinstance(node, ast.ClassDef) else ()
+                found.append(_Entry(deco.args[0].value, module, params))
+    return found
+
+
+def _parameters(args: ast.arguments) -> tuple[Parameter, ...]:
+    def literal(node: ast.expr | None) -> Any:
+        if node is None:
+            return REQUIRED
+        try:
+            return ast.literal_eval(node)
+        except ValueError:
+            return REQUIRED  # a computed default: treated as required by the light check
+
+    positional = [*args.posonlyargs, *args.args]
+    defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+    out = [
+        Parameter(a.arg, ast.unparse(a.annotation) if a.annotation else None, literal(d))
+        for a, d in zip(positional, defaults, strict=True)
+    ]
+    out += [
+        Parameter(a.arg, ast.unparse(a.annotation) if a.annotation else None, literal(d))
+        for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True)
+    ]
+    out += [Parameter(v.arg, None, REQUIRED, variadic=True) for v in (args.vararg, args.kwarg) if v is not None]
+    return tuple(out)
 
 
 #: dataset families: ``load(root) -> DatasetBundle`` (raykd/data/<family>.py)
-DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "data.name", "raykd.data")
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "data.name", "raykd.data", "DATASETS")
 #: model builders: ``fn(num_classes, in_channels, image_size, bn_momentum, **args) -> SSLModel``
-MODELS: Registry[Callable[..., Any]] = Registry("model", "model.name", "raykd.models")
+MODELS: Registry[Callable[..., Any]] = Registry("model", "model.name", "raykd.models", "MODELS")
 #: training methods: :class:`raykd.methods.base.Method` subclasses (raykd/methods/<name>.py)
-METHODS: Registry[Any] = Registry("method", "method.name", "raykd.methods")
+METHODS: Registry[Any] = Registry("method", "method.name", "raykd.methods", "METHODS")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -205,6 +206,48 @@ def test_cli_bad_input_starts_no_ray(tmp_path):
     assert proc.returncode == 2, proc.stderr
     allowed = ", ".join(TrainConfig.model_fields)
     assert proc.stderr.strip().splitlines() == [f"raykd: error: train.stepz: unknown key; allowed keys: {allowed}"]
+
+
+_NO_HEAVY_IMPORT = """
+import contextlib, io, json, sys
+from raykd.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
+    out.append([rc, err.getvalue()])
+heavy = sorted(m for m in ("torch", "torchvision", "ray", "optuna") if m in sys.modules)
+print(json.dumps({"results": out, "heavy": heavy}))
+"""
+
+_TYPOS = [  # (command, file text, the field the one error line must name)
+    (["train"], "method: {name: NAME, no_such_knob: 1}\n", "method.no_such_knob"),
+    (["train"], "method: {name: NAME}\ntrain: {stepz: 3}\n", "train.stepz"),
+    (["train"], "method: {name: NAME}\nmodel: {name: small_cnn, widht: 8}\n", "model.widht"),
+    (["study", "run"], "name: s\nbase: {method: {name: NAME, no_such_knob: 1}}\n", "base.method.no_such_knob"),
+    (["ablate"], "name: a\nbase: {method: {name: NAME, typo: 1}}\ngrid: {train.lr: [0.1]}\n", "base.method.typo"),
+]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS.names()))
+def test_a_typo_is_refused_without_importing_torch_or_ray(tmp_path, method):
+    """Parsing and validation never import torch, torchvision, Ray or Optuna (so a typo is refused in
+    well under a second; benchmarks/reject_time.py measures it), for every method and entry point."""
+    argvs = []
+    for i, (command, text, _) in enumerate(_TYPOS):
+        path = tmp_path / f"c{i}.yaml"
+        path.write_text(text.replace("NAME", method))
+        argvs.append([*command, str(path)])
+    proc = subprocess.run([sys.executable, "-c", _NO_HEAVY_IMPORT, json.dumps(argvs)], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (rc, err), (_, _, field) in zip(report["results"], _TYPOS, strict=True):
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"raykd: error: {field}:"), (field, rc, lines)
+    assert report["heavy"] == [], f"validation imported {report['heavy']}"
+    assert not any(p.is_dir() for p in tmp_path.iterdir()), "something was written"
 
 
 def test_cli_usage_errors_are_one_line_exit_2(capsys):

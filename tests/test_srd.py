@@ -15,7 +15,8 @@ from raykd.config import parse_run_config
 from raykd.data.split import UNSEEN
 from raykd.errors import ConfigError
 from raykd.methods.base import Batch
-from raykd.methods.srd import Connector, srd_distance, teacher_head
+from raykd.methods.srd import CONNECTORS, srd_distance, teacher_head
+from raykd.models.connector import KINDS, Connector
 from raykd.testing import flat_state, tiny_run_config, tiny_teacher
 from raykd.train.context import LocalSession
 from raykd.train.loop import train_loop
@@ -39,7 +40,8 @@ def test_srd_distances_on_hand_made_logits():
 
 def test_connector_shapes_and_the_teacher_head_is_pool_plus_classifier():
     fmap = torch.randn(4, 8, 5, 5)
-    for kind in ("conv1x1_bn_relu", "conv1x1", "linear_on_pooled"):
+    assert CONNECTORS == KINDS  # the config's choices are what the module builds
+    for kind in KINDS:
         out = Connector(8, 16, kind)(fmap)
         assert out.shape[:2] == (4, 16)
     assert torch.all(Connector(8, 16)(fmap) >= 0)  # BN + ReLU

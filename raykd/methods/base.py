@@ -31,12 +31,10 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Union
 
 from raykd.config import MethodConfig
+from raykd.lazy import nn, torch
 from raykd.registry import METHODS
 
 if TYPE_CHECKING:
@@ -49,10 +47,10 @@ __all__ = ["METHODS", "Batch", "LogValue", "Method", "MethodContext", "Predictio
 
 #: a log value: a float, a 0-d tensor, or a ``(numerator, denominator)`` pair averaged as Σnum/Σden
 #: over the logging window and across ranks (for ratios whose denominator varies, e.g. ``pseudo_acc``)
-LogValue = float | torch.Tensor | tuple[Any, Any]
+LogValue = Union[float, "torch.Tensor", tuple[Any, Any]]  # noqa: UP007 (no torch import at definition)
 #: what ``predict`` returns: the logits, or ``(logits, {head: logits})`` with the extra heads that
 #: ``Config.eval_heads`` names (the loop reports ``test_<head>_acc`` and ``val_<head>_acc``)
-Prediction = torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]
+Prediction = Union["torch.Tensor", tuple["torch.Tensor", dict[str, "torch.Tensor"]]]  # noqa: UP007
 
 
 def split_prediction(out: Prediction) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

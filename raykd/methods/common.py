@@ -4,11 +4,7 @@ from each other's modules."""
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from raykd.data.split import UNSEEN
+from raykd.lazy import F, nn, torch
 from raykd.methods.base import Batch, MethodContext
 
 
@@ -79,6 +75,8 @@ def seen_unseen_means(name: str, values: torch.Tensor, hidden: torch.Tensor | No
     if hidden is None:
         return {f"{name}_seen": (0.0, 0.0), f"{name}_unseen": (0.0, 0.0)}
     values = values.detach().float()
+    from raykd.data.split import UNSEEN  # here, not at import: validating a config never imports torch
+
     seen, unseen = (hidden >= 0).float(), (hidden == UNSEEN).float()
     return {
         f"{name}_seen": ((values * seen).sum(), seen.sum()),

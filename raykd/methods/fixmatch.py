@@ -20,9 +20,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch.nn.functional as F
-
 from raykd.config import MethodConfig, RunConfig, knob
+from raykd.lazy import F
 from raykd.methods.base import METHODS, Batch, Method
 from raykd.methods.common import (
     fixmatch_unsup_loss,

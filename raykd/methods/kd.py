@@ -16,10 +16,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
-
 from raykd.config import MethodConfig, knob
+from raykd.lazy import F, torch
 from raykd.methods.base import METHODS, Batch, Method
 from raykd.methods.common import kd_loss
 

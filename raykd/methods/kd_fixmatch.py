@@ -39,12 +39,11 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from pydantic import model_validator
 
 from raykd.config import MethodConfig, knob
 from raykd.errors import ConfigError
+from raykd.lazy import F, no_grad, torch
 from raykd.methods.base import METHODS, Batch, Method
 from raykd.methods.common import pseudo_label_accuracy, weak_strong_views
 
@@ -267,7 +266,7 @@ class KDFixMatch(Method):
     def _k(self) -> int:
         return self.cfg.num_clusters or self.cfg.cluster_mult * self.ctx.num_classes
 
-    @torch.no_grad()
+    @no_grad
     def _teacher_outputs(self) -> tuple[np.ndarray, np.ndarray]:
         ctx, probs, embs = self.ctx, [], []
         images = ctx.data.unlabeled.images

@@ -58,12 +58,11 @@ of unlabeled samples whose current arg-max equals the averaged pseudo-label).
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any, Literal
 
-import torch
-import torch.nn.functional as F
-
 from raykd.config import MethodConfig, knob
+from raykd.lazy import F, no_grad, torch
 from raykd.methods.base import METHODS, Batch, Method
 from raykd.methods.common import fixmatch_unsup_loss, pseudo_label_accuracy
 
@@ -81,29 +80,35 @@ def scale_grad(p: torch.Tensor, scale: float) -> torch.Tensor:
     return d if scale == 0.0 else d + scale * (p - d)
 
 
-class _SignGate(torch.autograd.Function):
-    """Identity forward; backward keeps gradient components whose sign agrees with ``reference`` and
-    multiplies the others by ``scale``."""
+@functools.cache
+def _sign_gate_function() -> type:
+    """The autograd function behind :func:`sign_gate` (built on first use: no torch at import)."""
 
-    @staticmethod
-    def forward(ctx, p: torch.Tensor, reference: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(reference)
-        ctx.scale = scale
-        return p.clone()
+    class SignGate(torch.autograd.Function):
+        """Identity forward; backward keeps gradient components whose sign agrees with ``reference``
+        and multiplies the others by ``scale``."""
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (reference,) = ctx.saved_tensors
-        agree = grad * reference > 0
-        return torch.where(agree, grad, grad * ctx.scale), None, None
+        @staticmethod
+        def forward(ctx, p: torch.Tensor, reference: torch.Tensor, scale: float) -> torch.Tensor:
+            ctx.save_for_backward(reference)
+            ctx.scale = scale
+            return p.clone()
+
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor):
+            (reference,) = ctx.saved_tensors
+            agree = grad * reference > 0
+            return torch.where(agree, grad, grad * ctx.scale), None, None
+
+    return SignGate
 
 
 def sign_gate(p: torch.Tensor, reference: torch.Tensor, scale: float) -> torch.Tensor:
     """``p`` in the forward pass; gradient components that conflict in sign with ``reference`` are scaled."""
-    return _SignGate.apply(p, reference, scale)
+    return _sign_gate_function().apply(p, reference, scale)
 
 
-@torch.no_grad()
+@no_grad
 def ema_bank_update(
     bank: torch.Tensor, count: torch.Tensor, idx: torch.Tensor, q: torch.Tensor, momentum: float
 ) -> None:
@@ -151,7 +156,7 @@ def averaged_targets(
     return target, mask.float(), agree
 
 
-@torch.no_grad()
+@no_grad
 def update_feature_centres(
     centres: torch.Tensor, seen: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, momentum: float
 ) -> None:
@@ -252,7 +257,7 @@ class LayerMatch(Method):
 
     # -- averaged copies ----------------------------------------------------------------------
 
-    @torch.no_grad()
+    @no_grad
     def _ema_update(self, targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
         self.updates += 1
         d = min(self.momentum, (1 + self.updates) / (10 + self.updates))
@@ -273,7 +278,7 @@ class LayerMatch(Method):
         bias = None if head.bias is None else sign_gate(head.bias, ref_b.to(head.bias.dtype), s)
         return sign_gate(head.weight, ref_w.to(head.weight.dtype), s), bias
 
-    @torch.no_grad()
+    @no_grad
     def _averaged(self, batch: Batch, q: torch.Tensor, u_weak: torch.Tensor, h_w: torch.Tensor) -> torch.Tensor:
         """q̄ for this rank's unlabeled samples (updating the averaged state first)."""
         ctx, mode = self.ctx, self.cfg.avg_mode
@@ -326,7 +331,7 @@ class LayerMatch(Method):
             loss_u = (F.cross_entropy(z_s.float(), target, reduction="none") * mask).mean()
         return {"loss_x": loss_x, "loss_u": loss_u, "mask": mask, "target": target, "agree": agree, **out}
 
-    @torch.no_grad()
+    @no_grad
     def _update_centres(self, h_w: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> None:
         """Class sums and counts of this rank's masked weak-view features, summed over ranks, then the
         EMA update (identical on every rank)."""

@@ -45,11 +45,10 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from raykd.config import DataConfig, MethodConfig, RunConfig, knob
 from raykd.errors import ConfigError
+from raykd.lazy import F, no_grad, torch
 from raykd.methods.base import METHODS, Batch, Method
 
 EPS = 1e-8
@@ -291,7 +290,7 @@ class SLaM(Method):
         if why:
             raise ConfigError("teacher.checkpoint" if self.ctx.run.teacher.checkpoint else "teacher.run.data", why)
 
-    @torch.no_grad()
+    @no_grad
     def _teacher_probs(self, images: torch.Tensor) -> torch.Tensor:
         ctx, out = self.ctx, []
         for chunk in torch.arange(len(images)).split(ctx.run.train.eval_batch_size):

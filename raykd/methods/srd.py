@@ -40,48 +40,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from raykd.config import MethodConfig, RunConfig, knob
-from raykd.data.split import UNSEEN
 from raykd.errors import ConfigError
+from raykd.lazy import F, nn, torch
 from raykd.methods.base import METHODS, Batch, Method
 from raykd.methods.common import kd_loss, seen_unseen_means, seen_unseen_names
 
+#: the connector φ's kinds (raykd.models.connector builds them)
 CONNECTORS = ("conv1x1_bn_relu", "conv1x1", "linear_on_pooled")
-
-
-class Connector(nn.Module):
-    """φ: the student's last feature map ``[B, C_s, H, W]`` → the teacher's channels.
-
-    ``conv1x1_bn_relu`` and ``conv1x1`` keep the spatial map (``[B, C_t, H, W]``); ``linear_on_pooled``
-    pools first and returns ``[B, C_t, 1, 1]`` so that the teacher's pooling is the identity on it.
-    """
-
-    def __init__(self, c_student: int, c_teacher: int, kind: str = "conv1x1_bn_relu"):
-        super().__init__()
-        if kind not in CONNECTORS:
-            raise ValueError(f"unknown connector {kind!r}")
-        self.kind = kind
-        if kind == "linear_on_pooled":
-            self.proj = nn.Linear(c_student, c_teacher)
-            self.post = nn.Identity()
-        else:
-            self.proj = nn.Conv2d(c_student, c_teacher, kernel_size=1, bias=False)
-            self.post = (
-                nn.Sequential(nn.BatchNorm2d(c_teacher), nn.ReLU(inplace=True))
-                if kind == "conv1x1_bn_relu"
-                else nn.Identity()
-            )
-            nn.init.kaiming_normal_(self.proj.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
-        if self.kind == "linear_on_pooled":
-            return self.proj(fmap.float().mean(dim=(2, 3)))[:, :, None, None]
-        return self.post(self.proj(fmap))
-
 
 def teacher_head(teacher: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
     """The teacher's pooling and classifier applied to a feature map (gradients reach ``fmap`` only)."""
@@ -157,6 +123,8 @@ class SRD(Method):
         c_s = ctx.raw_model.classifier.in_features
         c_t = ctx.teacher.classifier.in_features
         # trained beside the student: DDP-averaged, optimised and checkpointed by the loop
+        from raykd.models.connector import Connector
+
         self.connector = ctx.register_module("connector", Connector(c_s, c_t, self.cfg.connector))
 
     def terms(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -202,6 +170,8 @@ class SRD(Method):
         b, u_y = batch.x.shape[0], batch.u_y
         logs.update(seen_unseen_means("srd", t["dist"][b:], u_y))
         logs.update(seen_unseen_means("teacher_conf", z_t[b:].softmax(-1).max(-1).values, u_y))
+        from raykd.data.split import UNSEEN
+
         unseen = (u_y == UNSEEN).float() if u_y is not None else torch.zeros(0)
         logs["unseen_rate"] = (unseen.sum(), float(unseen.numel()))
         return loss, logs

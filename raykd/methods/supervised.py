@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch.nn.functional as F
-
 from raykd.config import MethodConfig
+from raykd.lazy import F
 from raykd.methods.base import METHODS, Batch, Method
 
 

@@ -47,14 +47,10 @@ import json
 import math
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from raykd.config import MethodConfig, RunConfig, knob
+from raykd.lazy import F, nn, torch
 from raykd.methods.base import METHODS, Batch, Method
 from raykd.methods.common import kd_loss
-from raykd.models.multi_exit import MultiExit, num_stages, stage_shapes
 
 VOTES = ("soft", "hard", "weighted", "mean_logits")
 PLACEMENTS = ("every", "last_two")
@@ -67,6 +63,8 @@ def exit_stages(placement: str, n_stages: int) -> list[int]:
 
 @functools.lru_cache(maxsize=32)
 def _stages_of(model_name: str, args_json: str) -> int:
+    from raykd.models.multi_exit import num_stages  # builds the model: torch only when a tskd run is checked
+
     return num_stages(model_name, json.loads(args_json))
 
 
@@ -195,6 +193,8 @@ class TSKD(Method):
 
     @classmethod
     def configure_model(cls, model: nn.Module, run: RunConfig, image_shape: tuple[int, int, int]) -> nn.Module:
+        from raykd.models.multi_exit import MultiExit, stage_shapes
+
         stages = exit_stages(run.method.exits, len(stage_shapes(model, image_shape)))
         return MultiExit(model, stages, image_shape, bn_momentum=run.model.resolved_bn_momentum(run.train.steps))
 

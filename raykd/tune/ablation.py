@@ -20,12 +20,12 @@ from typing import Any
 
 import yaml
 
-from raykd.config import parse_config, read_yaml
+from raykd.config import read_yaml
 from raykd.data import data_of
 from raykd.errors import ConfigError
 from raykd.train.runfolder import first_difference
 from raykd.train.teacher import check_checkpoint_teacher, prepare_teacher
-from raykd.tune.config import AblationConfig
+from raykd.tune.config import AblationConfig, parse_ablation_file
 from raykd.tune.lock import StudyLock
 from raykd.tune.progress import ProgressTable
 from raykd.tune.records import TUNE_DIR, collect_trials
@@ -54,10 +54,7 @@ def prepare_teachers(abl: AblationConfig, folder: Path, address: str | None) -> 
 
 
 def load_ablation(path: str | Path, storage: str | None = None) -> AblationConfig:
-    raw = read_yaml(path)
-    if storage is not None:
-        raw["storage"] = storage
-    abl = parse_config(raw, AblationConfig)
+    abl = parse_ablation_file(path, storage=storage)
     check_ablation(abl)
     return abl
 

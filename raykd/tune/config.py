@@ -6,11 +6,12 @@ A study file is ``name``, ``base`` (a run config), ``search`` and ``tune``; an a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from raykd.config import RunConfig, Strict
+from raykd.config import RunConfig, Strict, parse_config, read_yaml
 from raykd.tune.storage import check_storage
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -68,3 +69,24 @@ class AblationConfig(Strict):
     @classmethod
     def _storage(cls, v: str | None) -> str | None:
         return check_storage(v, "storage", uri_ok=False)
+
+
+def parse_study_file(path: str | Path, name: str | None = None, storage: str | None = None) -> StudyConfig:
+    """Parse and type-check a study file (with ``--name`` / ``--storage`` applied); imports no torch or
+    Ray, so a typo is refused at once.  The checks that need the data and models come after
+    (``raykd.tune.study.check_study``)."""
+    raw = read_yaml(path)
+    if name is not None:
+        raw["name"] = name
+    if storage is not None:
+        raw.setdefault("tune", {})["storage"] = storage
+    return parse_config(raw, StudyConfig)
+
+
+def parse_ablation_file(path: str | Path, storage: str | None = None) -> AblationConfig:
+    """Parse and type-check an ablation file (``--storage`` applied); no torch, no Ray."""
+    raw = read_yaml(path)
+    if storage is not None:
+        raw["storage"] = storage
+    return parse_config(raw, AblationConfig)
+

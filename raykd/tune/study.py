@@ -33,7 +33,7 @@ from raykd.data import data_of
 from raykd.errors import ConfigError, raykd_command
 from raykd.train.runfolder import RunFolder
 from raykd.train.teacher import check_checkpoint_teacher, prepare_teacher
-from raykd.tune.config import StudyConfig
+from raykd.tune.config import StudyConfig, parse_study_file
 from raykd.tune.lock import StudyLock
 from raykd.tune.mirror import _WORKING_COPY, TrialMirror
 from raykd.tune.progress import ProgressTable, _fmt, render_table
@@ -52,12 +52,7 @@ __all__ = ["build_tuner", "check_study", "export", "load_study", "resume", "run"
 
 def load_study(path: str | Path, name: str | None = None, storage: str | None = None):
     """Read and check a study file; returns ``(study, resolved search space)``."""
-    raw = read_yaml(path)
-    if name is not None:
-        raw["name"] = name
-    if storage is not None:
-        raw.setdefault("tune", {})["storage"] = storage
-    study = parse_config(raw, StudyConfig)
+    study = parse_study_file(path, name=name, storage=storage)
     return study, check_study(study)
 
 
