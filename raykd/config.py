@@ -16,8 +16,9 @@ parsed as YAML scalars and type-checked by the same models.  Every validation pr
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import (
@@ -68,7 +69,11 @@ def search_range(model: type[BaseModel], name: str) -> dict[str, Any] | None:
 class Strict(BaseModel):
     """Base of every config model: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+#: the largest seed (torch and numpy generators take 64-bit seeds)
+MAX_SEED = 2**63 - 1
 
 
 class MethodConfig(Strict):
@@ -169,7 +174,7 @@ class DataConfig(Strict):
     root: str | None = Field(None, description="folder in torchvision's on-disk layout (None = family default)")
     labels_per_class: int | None = Field(4, ge=1, description="labeled samples per class (None = all)")
     val_per_class: int = Field(0, ge=0, description="held-out labeled validation samples per class (0 = none)")
-    seed: int = Field(0, description="seed of the labeled/validation split")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the labeled/validation split")
     open_set: OpenSetConfig | None = Field(None, description="open-set unlabeled data (unseen classes, extra pool)")
 
     @field_validator("name")
@@ -178,6 +183,13 @@ class DataConfig(Strict):
         if v not in DATASETS:
             DATASETS.get(v)  # the unknown-name error
         return v
+
+    @model_validator(mode="after")
+    def _root_is_read(self) -> DataConfig:
+        if self.root is not None and not DATASETS.facts(self.name).get("reads_root", True):
+            raise ConfigError("data.root", f"{self.name} is built into raykd's dependencies and reads no folder; "
+                              "remove data.root")  # fmt: skip
+        return self
 
     @model_serializer(mode="wrap")
     def _omit_closed_set(self, handler: Any) -> Any:
@@ -208,8 +220,8 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     name: str = Field("small_cnn", description="small_cnn, wrn_28_2, wrn_28_8, resnet18")
-    bn_momentum: float | Literal["auto"] = Field(
-        "auto", description="BatchNorm momentum; auto = max(0.001, min(0.1, 20 / train.steps))"
+    bn_momentum: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | Literal["auto"] = Field(
+        "auto", description="BatchNorm momentum in (0, 1]; auto = max(0.001, min(0.1, 20 / train.steps))"
     )
 
     @model_validator(mode="after")
@@ -251,9 +263,11 @@ class ModelConfig(BaseModel):
 class TrainConfig(Strict):
     """Optimisation, schedule, evaluation and checkpointing."""
 
-    steps: int = Field(500, ge=1, description="optimiser steps")
-    batch_size: int = Field(64, ge=1, description="GLOBAL labeled batch B (split across workers)")
-    uratio: int = knob(7, search={"choice": [1, 2, 3, 5, 7]}, ge=0, help="unlabeled batch = uratio * batch_size (mu)")
+    steps: int = Field(500, ge=1, le=2**40, description="optimiser steps")
+    batch_size: int = Field(64, ge=1, le=2**20, description="GLOBAL labeled batch B (split across workers)")
+    uratio: int = knob(
+        7, search={"choice": [1, 2, 3, 5, 7]}, ge=0, le=1024, help="unlabeled batch = uratio * batch_size (mu)"
+    )
     lr: float = knob(0.03, search={"loguniform": [0.005, 0.1]}, gt=0, help="SGD learning rate")
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
@@ -267,8 +281,8 @@ class TrainConfig(Strict):
         0.999, search={"choice": [0.99, 0.999, 0.9999]}, ge=0, lt=1, help="EMA decay of the evaluated model (0 = raw)"
     )
     eval_every: int = Field(100, ge=1, description="evaluate, report and checkpoint every N steps")
-    eval_batch_size: int = Field(512, ge=1)
-    seed: int = Field(0, description="seed of initialisation, sampling and augmentation")
+    eval_batch_size: int = Field(512, ge=1, le=2**20)
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of initialisation, sampling and augmentation")
     amp: bool = Field(False, description="bfloat16 autocast on GPU (ignored on CPU)")
     channels_last: bool = Field(False, description="channels_last memory format on GPU")
     ra_num_ops: int = Field(2, ge=1, le=4, description="RandAugment ops per image (strong augmentation)")
@@ -392,6 +406,9 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _check_method_rules(self) -> RunConfig:
+        if self.method.uses_unlabeled and self.train.uratio == 0:
+            raise ConfigError("train.uratio", f"0 gives {self.method.name} no unlabeled images, which it trains on; "
+                              "set it to 1 or more (the unlabeled batch is uratio x batch_size)")  # fmt: skip
         type(self.method).check_run(self)  # rules a method puts on the rest of the run
         return self
 
@@ -428,10 +445,16 @@ def _allowed_keys(root: type[BaseModel] | None, loc: tuple) -> list[str]:
     return list(model.model_fields) if model is not None else []
 
 
+#: parts of pydantic's error location that name a branch of a union type, not a field
+_UNION_TAG = re.compile(
+    r"^(constrained-\w+|literal\[.*|function-\w+\[.*|(int|float|str|bool|none)|(list|dict|tuple)\[.*)$"
+)
+
+
 def _config_error(err: ValidationError, prefix: str = "", root: type[BaseModel] | None = RunConfig) -> ConfigError:
     """Turn pydantic's first error into one ConfigError line naming the dotted field."""
     first = err.errors()[0]
-    loc = tuple(first["loc"])
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
     field = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc) or prefix or "config"
     ctx_err = first.get("ctx", {}).get("error")
     if isinstance(ctx_err, ConfigError):
@@ -471,13 +494,45 @@ def parse_config(raw: dict[str, Any], model: type[BaseModel]) -> Any:
         raise _config_error(e, root=model) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a mapping that repeats a key (YAML keeps the last one
+    silently: ``train: {steps: 40, steps: 4000000}``)."""
+
+
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    pass
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, str | int | float | bool) and key in seen:
+            raise DuplicateKeyError(problem=f"the key {key!r} appears twice in one mapping; keep one",
+                                    problem_mark=key_node.start_mark)  # fmt: skip
+        seen[key] = True
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with ``yaml.safe_load``; a missing or malformed file is a ConfigError."""
+    """Read a YAML mapping (safe loading: plain data only; a repeated key is an error); a missing,
+    unreadable or malformed file is a ConfigError naming it."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(str(path), "is a folder; pass the path of a config YAML file")
     if not p.is_file():
         raise ConfigError(str(path), "no such file; pass the path of a run config YAML (see studies/)")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), f"is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot be read ({e.strerror}); check its permissions") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

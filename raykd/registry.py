@@ -46,8 +46,11 @@ class Registry(Generic[T]):
         self._items: dict[str, T] = {}
         self._index: dict[str, _Entry] | None = None
 
-    def register(self, name: str) -> Callable[[T], T]:
-        """Decorator registering ``obj`` under ``name``; a duplicate name is a programming error."""
+    def register(self, name: str, **facts: Any) -> Callable[[T], T]:
+        """Decorator registering ``obj`` under ``name``; a duplicate name is a programming error.
+
+        ``facts`` are literal keywords (e.g. ``reads_root=False``) that config validation reads from
+        the source, without importing the module (:meth:`facts`)."""
 
         def deco(obj: T) -> T:
             if name in self._items and self._items[name] is not obj:
@@ -93,6 +96,12 @@ class Registry(Generic[T]):
             self.get(name)  # raises the unknown-name error
         return list(self.index()[name].parameters)
 
+    def facts(self, name: str) -> dict[str, Any]:
+        """The literal keywords given to ``register`` for ``name`` (read from the source)."""
+        if name not in self.index():
+            self.get(name)
+        return dict(self.index()[name].facts)
+
     def names(self) -> list[str]:
         return sorted({*self.index(), *self._items})
 
@@ -125,6 +134,7 @@ class _Entry:
     name: str
     module: str
     parameters: tuple[Parameter, ...] = ()
+    facts: tuple[tuple[str, Any], ...] = ()
 
 
 def _registrations(path: Path, module: str, symbol: str) -> list[_Entry]:
@@ -146,7 +156,8 @@ def _registrations(path: Path, module: str, symbol: str) -> list[_Entry]:
                 and isinstance(deco.args[0].value, str)
             ):
                 params = _parameters(node.args) if not isinstance(node, ast.ClassDef) else ()
-                found.append(_Entry(deco.args[0].value, module, params))
+                facts = tuple((k.arg, ast.literal_eval(k.value)) for k in deco.keywords if k.arg is not None)
+                found.append(_Entry(deco.args[0].value, module, params, facts))
     return found
 
 

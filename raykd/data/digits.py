@@ -25,7 +25,7 @@ TEST_SPLIT_SEED = 20_170_316  # a constant: the test split must never follow a u
 NUM_CLASSES = 10
 
 
-@DATASETS.register("digits")
+@DATASETS.register("digits", reads_root=False)
 def load(root: str | None = None) -> DatasetBundle:
     """Load the digits dataset.
 
