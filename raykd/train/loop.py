@@ -70,29 +70,41 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class _LogWindow:
-    """Running Σnum / Σden per log key, kept on the device (no host sync per step)."""
+    """Running Σnum / Σden per log key over an evaluation window, with no host sync per step.
+
+    Tensor parts (device scalars) are summed on the device, in float64; Python numbers (a constant
+    denominator of 1, a method's fixed figures) are summed on the host, so that no per-step value
+    is copied to the device (on CUDA a blocking host-to-device copy waits for the device's queue).
+    Both are read back once, in :meth:`reduce` at the evaluation.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.acc: dict[str, torch.Tensor] = {}
+        self.num: dict[str, torch.Tensor | float] = {}
+        self.den: dict[str, torch.Tensor | float] = {}
+
+    @staticmethod
+    def _part(v: Any) -> torch.Tensor | float:
+        return v.detach().to(dtype=torch.float64) if isinstance(v, torch.Tensor) else float(v)
 
     def add(self, logs: dict[str, Any]) -> None:
         for k, v in logs.items():
             num, den = v if isinstance(v, tuple) else (v, 1.0)
-            pair = torch.stack(
-                [
-                    torch.as_tensor(num, dtype=torch.float64, device=self.device).detach(),
-                    torch.as_tensor(den, dtype=torch.float64, device=self.device).detach(),
-                ]
-            )
-            self.acc[k] = self.acc[k] + pair if k in self.acc else pair
+            num, den = self._part(num), self._part(den)
+            if k in self.num:
+                num, den = self.num[k] + num, self.den[k] + den
+            self.num[k], self.den[k] = num, den
+
+    def _on_device(self, v: torch.Tensor | float) -> torch.Tensor:
+        return v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64, device=self.device)
 
     def reduce(self, ctx: StepContext) -> dict[str, float]:
-        keys = sorted(self.acc)
+        keys = sorted(self.num)
         if not keys:
             return {}
-        stacked = ctx.all_reduce(torch.stack([self.acc[k] for k in keys]))
-        self.acc = {}
+        pairs = [torch.stack([self._on_device(self.num[k]), self._on_device(self.den[k])]) for k in keys]
+        stacked = ctx.all_reduce(torch.stack(pairs))
+        self.num, self.den = {}, {}
         out = {}
         for k, (num, den) in zip(keys, stacked.tolist(), strict=True):
             out[k] = num / den if den > 0 else float("nan")
@@ -239,8 +251,8 @@ def _batch(run: Run, step: int, lab: GlobalBatchSampler, unl: GlobalBatchSampler
         u_idx_cpu = unl.indices(step)
         u = data.unlabeled.images[u_idx_cpu].to(device, non_blocking=True)
         u_y = data.unlabeled.labels[u_idx_cpu].to(device, non_blocking=True)
-        u_idx = u_idx_cpu.to(device)
-    return Batch(x=x, y=y, idx=idx.to(device), u=u, u_idx=u_idx, u_y=u_y, step=step)
+        u_idx = u_idx_cpu.to(device, non_blocking=True)
+    return Batch(x=x, y=y, idx=idx.to(device, non_blocking=True), u=u, u_idx=u_idx, u_y=u_y, step=step)
 
 
 def train_one_step(run: Run, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
