@@ -91,8 +91,8 @@ def sizes(args) -> dict:
     """Model, data, batch and windows of the step benchmark."""
     if args.tiny:
         return {"model": "small_cnn", "batch": 8, "uratio": 2, "window": args.window or 3, "windows": args.windows}
-    window = args.window or (2 if args.device == "cpu" else 20)
-    return {"model": "wrn_28_2", "batch": 64, "uratio": 7, "window": window, "windows": args.windows}
+    window = args.window or (2 if args.device == "cpu" and args.model == "wrn_28_2" else 20)
+    return {"model": args.model, "batch": args.batch, "uratio": args.uratio, "window": window, "windows": args.windows}
 
 
 def step_config(size: dict, root: str | None, device: str, amp: bool, channels_last: bool, compile: bool):
@@ -273,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="small_cnn on digits, a few steps (CPU smoke form)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "gpu_check"))
+    p.add_argument("--model", default="wrn_28_2", choices=["wrn_28_2", "small_cnn"],
+                   help="step benchmark model: wrn_28_2 (32x32x3 random CIFAR-10 layout) or small_cnn (digits)")
+    p.add_argument("--batch", type=int, default=64, help="labeled batch B of the step benchmark")
+    p.add_argument("--uratio", type=int, default=7, help="unlabeled ratio mu (B + 2 mu B images per step)")
     p.add_argument("--window", type=int, default=None, help="steps per window (default 20 on GPU, 2 on CPU, 3 tiny)")
     p.add_argument("--windows", type=int, default=3, help="measured windows after one warm-up window")
     p.add_argument("--skip", nargs="*", default=[], choices=["steps", "compile", "augment", "ray", "train", "study"],
@@ -296,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(report["environment"], indent=1), flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="raykd-gpu-check-"))
     try:
-        root = None if args.tiny else str(write_cifar10_folder(tmp / "cifar"))
+        root = None if args.tiny or args.model == "small_cnn" else str(write_cifar10_folder(tmp / "cifar"))
         if "steps" not in args.skip:
             print("step time:", flush=True)
             report["steps"] = bench_steps(args, device, tmp, root)
