@@ -61,17 +61,20 @@ def _best_rate(fn: Callable[[], object], n_images: int, repeats: int, sync: Call
     return n_images / best
 
 
-def bench_augment(batch: int = 448, size: int = 32, channels: int = 3, device: str = "cpu", repeats: int = 5) -> dict:
+def bench_augment(
+    batch: int = 448, size: int = 32, channels: int = 3, device: str = "cpu", repeats: int = 5, **augmenter: object
+) -> dict:
     """Images/s of ``Augmenter.strong`` on ``device`` vs a per-sample torchvision loop on the CPU.
 
     Returns ``{"raykd_img_s", "torchvision_img_s", "ratio", "torchvision_v1_img_s",
     "torchvision_v2_img_s"}``; ``torchvision_img_s`` is the faster of v1 and v2 and ``ratio`` is
-    ``raykd_img_s / torchvision_img_s`` (best of ``repeats`` timings each).
+    ``raykd_img_s / torchvision_img_s`` (best of ``repeats`` timings each).  ``augmenter``: further
+    :class:`~raykd.data.augment.Augmenter` arguments (e.g. ``sync_free=False``).
     """
     dev = torch.device(device)
     images = torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    aug = Augmenter(hflip=True, mean=(0.5,) * channels, std=(0.5,) * channels)
+    aug = Augmenter(hflip=True, mean=(0.5,) * channels, std=(0.5,) * channels, **augmenter)
     on_dev = images.to(dev)
     raykd = _best_rate(lambda: aug.strong(on_dev), batch, repeats, sync)
 

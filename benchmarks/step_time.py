@@ -96,8 +96,14 @@ def bench_raykd(cfg, tmp: Path) -> tuple[list[float], float]:
     return [r["img_per_s"] for r in records[1:]], wall
 
 
-def bench_plain(cfg, threads: int, device: str) -> list[float]:
-    """The same FixMatch math in a bare loop; img/s of each measured window."""
+def bench_plain(cfg, threads: int, device: str, channels_last: bool | None = None, compile: bool = False,
+                peak: dict | None = None) -> list[float]:
+    """The same FixMatch math in a bare loop; img/s of each measured window.
+
+    ``channels_last``: the model and its inputs in channels_last (None: on CUDA only); ``compile``:
+    the model through ``torch.compile`` (compiled in the warm-up window); bf16 autocast follows
+    ``cfg.train.amp``.  With ``peak`` (a dict) on CUDA, ``peak["bytes"]`` gets the peak allocated
+    GPU memory of the run."""
     dev = torch.device(device)
     torch.set_num_threads(threads)
     t = cfg.train
@@ -105,8 +111,11 @@ def bench_plain(cfg, threads: int, device: str) -> list[float]:
     c, h, _ = data.image_shape
     torch.manual_seed(0)
     model = build_model(cfg.model.name, data.num_classes, c, h, bn_momentum=0.01).to(dev)
-    if dev.type == "cuda":
+    channels_last = dev.type == "cuda" if channels_last is None else channels_last
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     ema = [p.detach().clone() for p in model.parameters()]
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
@@ -116,6 +125,7 @@ def bench_plain(cfg, threads: int, device: str) -> list[float]:
     gen = torch.Generator(device=dev).manual_seed(0)
     b, n = t.batch_size, t.batch_size * t.uratio
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (t.amp and dev.type == "cuda") else None
+    forward = torch.compile(model) if compile else model
 
     def step(k: int) -> None:
         li = torch.randint(len(data.labeled), (b,))
@@ -123,15 +133,15 @@ def bench_plain(cfg, threads: int, device: str) -> list[float]:
         x, y = data.labeled.images[li].to(dev), data.labeled.labels[li].to(dev)
         u = data.unlabeled.images[ui].to(dev)
         inputs = torch.cat([aug.weak(x, gen), aug.weak(u, gen), aug.strong(u, gen)])
-        if dev.type == "cuda":
+        if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         for g in opt.param_groups:
             g["lr"] = t.lr * np.cos(7 * np.pi * k / (16 * t.steps))
         if autocast is not None:
             with autocast:
-                logits = model(inputs)
+                logits = forward(inputs)
         else:
-            logits = model(inputs)
+            logits = forward(inputs)
         logits = logits.float()
         z_l, z_w, z_s = logits[:b], logits[b : b + n], logits[b + n :]
         conf, pseudo = z_w.detach().softmax(-1).max(-1)
@@ -156,6 +166,8 @@ def bench_plain(cfg, threads: int, device: str) -> list[float]:
         sync()
         if w:  # the first window is the warm-up
             rates.append(window * (b + 2 * n) / (time.perf_counter() - t0))
+    if peak is not None and dev.type == "cuda":
+        peak["bytes"] = torch.cuda.max_memory_allocated(dev)
     return rates
 
 

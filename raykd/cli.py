@@ -79,6 +79,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from raykd.data import data_of
 
     data_of(cfg)  # pre-flight: the data is on disk (ConfigError on data.root otherwise)
+    if cfg.train.compile and not (args.address or os.environ.get("RAY_ADDRESS")):  # workers run here: check now
+        import torch
+
+        from raykd.train.loop import compile_error, compile_unavailable
+
+        device = torch.device("cuda" if cfg.scaling.use_gpu else "cpu")
+        reason = compile_unavailable(device)
+        if reason is not None:
+            raise compile_error(device, reason)
     from raykd.train.teacher import check_checkpoint_teacher, prepare_teacher
 
     check_checkpoint_teacher(cfg)  # a teacher.checkpoint is read (weights-only) before anything is written

@@ -5,7 +5,7 @@ A run config is the complete description of one training run::
     data:    {name, root, labels_per_class, val_per_class, seed, open_set}
     model:   {name, bn_momentum, <the model's own arguments>}
     method:  {name, <the method's knobs>}
-    train:   {steps, batch_size, uratio, lr, weight_decay, ema, eval_every, seed, amp, channels_last, ...}
+    train:   {steps, batch_size, uratio, lr, weight_decay, ema, eval_every, seed, amp, channels_last, compile, ...}
     scaling: {num_workers, use_gpu, cpus_per_worker, gpus_per_worker, resources_per_worker}
 
 Each method declares its knobs as a :class:`MethodConfig` subclass built with :func:`knob` (default,
@@ -285,6 +285,11 @@ class TrainConfig(Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of initialisation, sampling and augmentation")
     amp: bool = Field(False, description="bfloat16 autocast on GPU (ignored on CPU)")
     channels_last: bool = Field(False, description="channels_last memory format on GPU")
+    compile: bool = Field(
+        False, description="the student's training forward through torch.compile, once per worker (the first "
+        "step pays the compile; checkpoints hold the plain module's weights); needs a C++ compiler on CPU, "
+        "Triton on GPU",
+    )  # fmt: skip
     ra_num_ops: int = Field(2, ge=1, le=4, description="RandAugment ops per image (strong augmentation)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept (latest)")
     max_failures: int = Field(

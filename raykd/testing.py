@@ -4,6 +4,8 @@ Ray workers can import them)."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +102,102 @@ def ddp_probe_worker(config: dict[str, Any]) -> None:
             (out / f"rank_{ctx.rank}.json").write_text(json.dumps({"world_size": ctx.world_size}))
 
         train_loop(cfg, FreshSession(), out, on_end=dump, teacher_dir=run.get("teacher_dir"))
+
+
+#: tensor methods and torch functions that make the host wait for the device (their result, or its
+#: shape, is only known once the device has computed it)
+SYNCING_CALLS = frozenset(
+    {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "__complex__", "cpu", "numpy", "nonzero",
+     "argwhere", "unique", "unique_consecutive", "masked_select", "bincount", "equal", "allclose"}
+)  # fmt: skip
+
+
+def _has_bool_index(key: Any) -> bool:
+    keys = key if isinstance(key, tuple) else (key,)
+    return any(isinstance(k, torch.Tensor) and k.dtype == torch.bool for k in keys)
+
+
+def _names_device(args: tuple, kwargs: dict) -> bool:
+    if kwargs.get("device") is not None:
+        return True
+    return any(isinstance(a, torch.device | str | torch.Tensor) for a in args)
+
+
+def host_sync_reason(func: Any, args: tuple, kwargs: dict) -> str | None:
+    """Why calling ``func(*args, **kwargs)`` on CUDA tensors would synchronise the host with the device,
+    or None.  Covers reading values back (``.item()``, ``bool()``, ``.tolist()``, ...), outputs whose
+    shape depends on the data (``nonzero``, ``unique``, boolean-mask indexing, ``bincount``) and
+    blocking copies (``.to(device)`` / ``.cuda()`` without ``non_blocking=True``, ``torch.tensor(data,
+    device=...)`` and ``x.new_tensor(data)`` from host data)."""
+    name = getattr(func, "__name__", "")
+    if name in SYNCING_CALLS:
+        return name
+    if name == "repeat_interleave" and kwargs.get("output_size") is None:
+        return name
+    if name in ("__getitem__", "__setitem__") and len(args) > 1 and _has_bool_index(args[1]):
+        return f"{name} with a boolean mask"
+    if name == "index_put_" and len(args) > 1 and _has_bool_index(tuple(args[1])):
+        return "index_put_ with a boolean mask"
+    if name in ("to", "cuda") and not kwargs.get("non_blocking", False):
+        if name == "cuda" or _names_device(args[1:], kwargs):
+            if not (len(args) > 2 and args[2] is True):  # .to(device, dtype, non_blocking) positionally
+                return f"blocking .{name}()"
+    if name in ("tensor", "as_tensor", "asarray") and kwargs.get("device") is not None:
+        if args and not isinstance(args[0], torch.Tensor):
+            return f"torch.{name}(host data, device=...)"
+    if name == "new_tensor" and len(args) > 1 and not isinstance(args[1], torch.Tensor):
+        return "new_tensor(host data)"
+    return None
+
+
+class HostSyncCounter:
+    """Records every call that would make the host wait for the device while it is active (a
+    ``TorchFunctionMode``), with the first raykd (or user) source line below torch that made it.
+
+    Runs on CPU, where nothing actually waits: it flags the calls that *would* synchronise on a GPU.
+    ``host_files``: source files whose tensors live on the host by construction (the batch sampler's
+    index tensors), whose calls are not counted.
+
+        counter = HostSyncCounter()
+        with counter:
+            ...  # train steps
+        assert not counter.hits, counter.hits
+    """
+
+    def __init__(self, host_files: tuple[str, ...] = ("raykd/train/sampler.py",)):
+        from torch.overrides import TorchFunctionMode
+
+        self.hits: list[tuple[str, str]] = []
+        self.host_files = tuple(f.replace("/", os.sep) for f in host_files)
+        counter = self
+
+        class _Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                reason = host_sync_reason(func, args, kwargs)
+                if reason is not None:
+                    where = counter._caller()
+                    if not where.startswith(counter.host_files):
+                        counter.hits.append((reason, where))
+                return func(*args, **kwargs)
+
+        self._mode = _Mode()
+
+    @staticmethod
+    def _caller() -> str:
+        frame = sys._getframe(2)
+        root = str(Path(__file__).resolve().parents[1])
+        while frame is not None:
+            path = frame.f_code.co_filename
+            if f"{os.sep}torch{os.sep}" not in path and path != __file__:
+                rel = path[len(root) + 1 :] if path.startswith(root) else path
+                return f"{rel}:{frame.f_lineno}"
+            frame = frame.f_back
+        return "?"
+
+    def __enter__(self) -> HostSyncCounter:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)

@@ -78,6 +78,18 @@ MAX_SHEAR = 0.3
 MAX_TRANSLATE = 0.3
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device``, made once per device: a fresh one per call would be a
+    blocking host-to-device copy, which on CUDA waits for the device to drain its queue."""
+    key = (values, device, dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return _CONSTANTS[key]
+
+
 # --- colour ops: (x float [n, C, H, W] in [0, 1], s [n] in (0, 1]) -> same shape -------------------
 
 
@@ -93,7 +105,7 @@ def _blend(x: torch.Tensor, degenerate: torch.Tensor, f: torch.Tensor) -> torch.
 def _grey(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] != 3:
         return x.mean(1, keepdim=True)
-    w = x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    w = _constant((0.299, 0.587, 0.114), x.device, x.dtype).view(1, 3, 1, 1)
     return (x * w).sum(1, keepdim=True)
 
 
@@ -113,7 +125,9 @@ def _equalize(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     rows, pixels = n * c, h * w
     v = _quantise(x).long().view(rows, pixels)
     offsets = torch.arange(rows, device=x.device).unsqueeze(1) * 256
-    hist = torch.bincount((v + offsets).view(-1), minlength=rows * 256).view(rows, 256)
+    flat = (v + offsets).view(-1)  # a histogram by scatter_add: bincount reads its max back to the host
+    hist = torch.zeros(rows * 256, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    hist = hist.view(rows, 256)
     last = hist.gather(1, v.amax(1, keepdim=True))  # count of the brightest level present
     step = torch.div(pixels - last, 255, rounding_mode="floor")
     cum = hist.cumsum(1) - hist  # exclusive cumulative histogram
@@ -168,7 +182,7 @@ COLOUR_OPS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 def _uniform(n: int, k: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
     """``[n, k]`` uniforms in [0, 1) on ``device``, drawn on the generator's device."""
     src = generator.device if generator is not None else device
-    return torch.rand(n, k, generator=generator, device=src).to(device)
+    return torch.rand(n, k, generator=generator, device=src).to(device, non_blocking=True)
 
 
 def _randint(u: torch.Tensor, high: int) -> torch.Tensor:
@@ -193,6 +207,12 @@ class Augmenter:
         cutout: max Cutout side as a fraction of the smaller image side (0 disables it).
         mean, std: per-channel normalisation constants (length 1 or C) for images in [0, 1].
         ops: RandAugment op names, a subset of :data:`OPS` (default: all of them).
+        sync_free: how RandAugment picks each sample's ops.  False: sort the batch by op and run each
+            op on its chunk (the chunk sizes are read back to the host); True: run every colour op on
+            the whole batch and keep each sample's own result, and warp the whole batch (identity
+            for the samples that drew no geometric op), so the host never waits for the device
+            (more arithmetic, no sync).  Both give the same images.  None (default): True on CUDA,
+            False elsewhere.
     """
 
     def __init__(
@@ -205,6 +225,7 @@ class Augmenter:
         mean: tuple[float, ...] = (0.5,),
         std: tuple[float, ...] = (0.5,),
         ops: Sequence[str] | None = None,
+        sync_free: bool | None = None,
     ):
         ops = tuple(OPS if ops is None else ops)
         unknown = [o for o in ops if o not in OPS]
@@ -220,6 +241,7 @@ class Augmenter:
         self._colour = [COLOUR_OPS.get(o) for o in ops]
         self._geo_ids = [i for i, o in enumerate(ops) if o in GEOMETRIC]
         self._stats: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.sync_free = sync_free
 
     # --- public API -----------------------------------------------------------------------------
 
@@ -286,7 +308,8 @@ class Augmenter:
         b, k = x.shape[0], len(self.ops)
         theta = torch.eye(3, device=x.device).expand(b, 3, 3)
         warped = torch.zeros(b, dtype=torch.bool, device=x.device)
-        geo_ids = torch.tensor(self._geo_ids, dtype=torch.long, device=x.device)
+        geo_ids = _constant(tuple(self._geo_ids), x.device, torch.long)
+        free = self.sync_free if self.sync_free is not None else x.device.type == "cuda"
         for slot in range(self.ra_num_ops):
             op = _randint(u[:, 3 * slot], k)
             s = (_randint(u[:, 3 * slot + 1], self.ra_magnitude_max) + 1).float() / self.ra_magnitude_max
@@ -294,8 +317,18 @@ class Augmenter:
             if self._geo_ids:
                 theta = theta @ self._affine(op, signed, x.shape[2], x.shape[3])
                 warped |= torch.isin(op, geo_ids)
-            x = self._apply_colour(x, op, s)
-        return self._warp(x, theta, warped) if self._geo_ids else x
+            x = self._colour_everywhere(x, op, s) if free else self._apply_colour(x, op, s)
+        if not self._geo_ids:
+            return x
+        return self._warp_everywhere(x, theta, warped) if free else self._warp(x, theta, warped)
+
+    def _colour_everywhere(self, x: torch.Tensor, op: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """:meth:`_apply_colour` without a host sync: each colour op on the whole batch, each sample
+        keeping the result of the op it drew."""
+        for i, fn in enumerate(self._colour):
+            if fn is not None:
+                x = torch.where((op == i).view(-1, 1, 1, 1), fn(x, s), x)
+        return x
 
     def _apply_colour(self, x: torch.Tensor, op: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """Sort the batch by op, run each colour op on its contiguous chunk, scatter back."""
@@ -332,12 +365,22 @@ class Augmenter:
             return x
         h, w = x.shape[2:]
         # pixel-centred coordinates = normalised coordinates (align_corners=False) scaled by size / 2
-        scale = torch.tensor([w / 2, h / 2, 1.0], device=x.device)
+        scale = _constant((w / 2, h / 2, 1.0), x.device)
         t = (theta[idx] * scale.view(1, 1, 3)) / scale.view(1, 3, 1)
         sub = x.index_select(0, idx)
         grid = F.affine_grid(t[:, :2], list(sub.shape), align_corners=False)
         out = F.grid_sample(sub - FILL, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         return x.index_copy(0, idx, (out + FILL).clamp_(0.0, 1.0))
+
+    def _warp_everywhere(self, x: torch.Tensor, theta: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+        """:meth:`_warp` without a host sync: the whole batch through the grid, the samples that drew
+        no geometric op keep their input."""
+        h, w = x.shape[2:]
+        scale = _constant((w / 2, h / 2, 1.0), x.device)
+        t = (theta * scale.view(1, 1, 3)) / scale.view(1, 3, 1)
+        grid = F.affine_grid(t[:, :2], list(x.shape), align_corners=False)
+        out = F.grid_sample(x - FILL, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return torch.where(warped.view(-1, 1, 1, 1), (out + FILL).clamp_(0.0, 1.0), x)
 
     def _cutout(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Grey square per sample: side uniform in [1, max_side], centre uniform, clipped."""

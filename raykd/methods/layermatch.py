@@ -164,11 +164,11 @@ def update_feature_centres(
     the (normalised) features of confidently pseudo-labelled samples becomes the centre on the class's
     first visit, else ``centre_c ← momentum·centre_c + (1 − momentum)·m_c``.  ``sums`` and ``counts``
     are summed over ranks before the call, so every rank holds the same centres."""
-    present = counts > 0
-    mean = sums[present] / counts[present, None].to(sums.dtype)
+    present = counts > 0  # every class computed, absent ones kept by torch.where: no data-dependent shapes
+    mean = sums / counts.clamp_min(1)[:, None].to(sums.dtype)
     first = present & ~seen
-    upd = torch.where(first[present, None], mean, momentum * centres[present] + (1.0 - momentum) * mean)
-    centres[present] = upd.to(centres.dtype)
+    upd = torch.where(first[:, None], mean, momentum * centres + (1.0 - momentum) * mean)
+    centres.copy_(torch.where(present[:, None], upd.to(centres.dtype), centres))
     seen |= present
 
 

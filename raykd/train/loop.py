@@ -18,6 +18,7 @@ sampling and augmentation are functions of the step, so it continues exactly.
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from torch import nn
 from raykd.config import RunConfig
 from raykd.data import SSLData, data_of
 from raykd.data.augment import Augmenter
+from raykd.errors import ConfigError
 from raykd.methods.base import Batch, Method
 from raykd.models import build_model
 from raykd.registry import METHODS
@@ -69,30 +71,81 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why ``torch.compile`` (TorchDynamo + inductor) cannot build a training step on ``device`` in
+    this process, or None when it can: TorchDynamo unsupported (Python version, platform), no C++
+    compiler for inductor's CPU code, or no Triton for its GPU kernels."""
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    try:
+        from torch import _dynamo
+
+        if not _dynamo.is_dynamo_supported():
+            return "TorchDynamo does not support this Python or platform"
+    except Exception as e:  # noqa: BLE001 - any failure to import or query it means no compile
+        return f"TorchDynamo does not run here ({type(e).__name__}: {e})"
+    if device.type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+
+            if not has_triton():
+                return "Triton (inductor's GPU compiler) is not installed or does not support this GPU"
+        except ImportError:
+            return "torch has no Triton support"
+    elif device.type == "cpu":
+        try:
+            from torch._inductor import cpp_builder
+
+            compiler = cpp_builder.get_cpp_compiler()
+        except Exception as e:  # noqa: BLE001 - inductor raises its own error types for a missing compiler
+            return f"inductor finds no C++ compiler for CPU code ({type(e).__name__}: {e})"
+        if not shutil.which(str(compiler).split()[0]):
+            return f"inductor's C++ compiler {compiler!r} is not on PATH"
+    return None
+
+
+def compile_error(device: torch.device, reason: str) -> ConfigError:
+    """The error of a run with ``train.compile: true`` where compile cannot run (exit code 2)."""
+    return ConfigError("train.compile", f"torch.compile is unavailable on {device.type}: {reason}; "
+                       "set train.compile: false (eager mode trains the same model)")  # fmt: skip
+
+
 class _LogWindow:
-    """Running Σnum / Σden per log key, kept on the device (no host sync per step)."""
+    """Running Σnum / Σden per log key over an evaluation window, with no host sync per step.
+
+    Tensor parts (device scalars) are summed on the device, in float64; Python numbers (a constant
+    denominator of 1, a method's fixed figures) are summed on the host, so that no per-step value
+    is copied to the device (on CUDA a blocking host-to-device copy waits for the device's queue).
+    Both are read back once, in :meth:`reduce` at the evaluation.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.acc: dict[str, torch.Tensor] = {}
+        self.num: dict[str, torch.Tensor | float] = {}
+        self.den: dict[str, torch.Tensor | float] = {}
+
+    @staticmethod
+    def _part(v: Any) -> torch.Tensor | float:
+        return v.detach().to(dtype=torch.float64) if isinstance(v, torch.Tensor) else float(v)
 
     def add(self, logs: dict[str, Any]) -> None:
         for k, v in logs.items():
             num, den = v if isinstance(v, tuple) else (v, 1.0)
-            pair = torch.stack(
-                [
-                    torch.as_tensor(num, dtype=torch.float64, device=self.device).detach(),
-                    torch.as_tensor(den, dtype=torch.float64, device=self.device).detach(),
-                ]
-            )
-            self.acc[k] = self.acc[k] + pair if k in self.acc else pair
+            num, den = self._part(num), self._part(den)
+            if k in self.num:
+                num, den = self.num[k] + num, self.den[k] + den
+            self.num[k], self.den[k] = num, den
+
+    def _on_device(self, v: torch.Tensor | float) -> torch.Tensor:
+        return v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64, device=self.device)
 
     def reduce(self, ctx: StepContext) -> dict[str, float]:
-        keys = sorted(self.acc)
+        keys = sorted(self.num)
         if not keys:
             return {}
-        stacked = ctx.all_reduce(torch.stack([self.acc[k] for k in keys]))
-        self.acc = {}
+        pairs = [torch.stack([self._on_device(self.num[k]), self._on_device(self.den[k])]) for k in keys]
+        stacked = ctx.all_reduce(torch.stack(pairs))
+        self.num, self.den = {}, {}
         out = {}
         for k, (num, den) in zip(keys, stacked.tolist(), strict=True):
             out[k] = num / den if den > 0 else float("nan")
@@ -148,6 +201,11 @@ def build_run(cfg: RunConfig, session: Session, teacher_dir: str | Path | None) 
         raw = raw.to(memory_format=torch.channels_last)
     model = session.prepare_model(raw)
     raw = unwrap(model)
+    if t.compile:  # the training forward only; raw (checkpoints, EMA, evaluation) stays the plain module
+        reason = compile_unavailable(device)
+        if reason is not None:
+            raise compile_error(device, reason)
+        model = torch.compile(model)
 
     teacher = teacher_run = None
     if cfg.teacher is not None:
@@ -239,8 +297,8 @@ def _batch(run: Run, step: int, lab: GlobalBatchSampler, unl: GlobalBatchSampler
         u_idx_cpu = unl.indices(step)
         u = data.unlabeled.images[u_idx_cpu].to(device, non_blocking=True)
         u_y = data.unlabeled.labels[u_idx_cpu].to(device, non_blocking=True)
-        u_idx = u_idx_cpu.to(device)
-    return Batch(x=x, y=y, idx=idx.to(device), u=u, u_idx=u_idx, u_y=u_y, step=step)
+        u_idx = u_idx_cpu.to(device, non_blocking=True)
+    return Batch(x=x, y=y, idx=idx.to(device, non_blocking=True), u=u, u_idx=u_idx, u_y=u_y, step=step)
 
 
 def train_one_step(run: Run, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -257,6 +315,18 @@ def train_one_step(run: Run, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]
     if run.ema is not None:
         run.ema.update(run.raw)
     return loss, logs
+
+
+def _first_compiled_step(run: Run, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The first step of a compiled run, where torch.compile builds the graph: a failure of the
+    compiler itself (not of the method) becomes a ``train.compile`` error."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    try:
+        return train_one_step(run, batch)
+    except BackendCompilerFailed as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise compile_error(run.ctx.device, f"the compiler failed ({first[:300]})") from e
 
 
 def evaluate_run(run: Run, metrics: dict[str, Any]) -> None:
@@ -360,7 +430,10 @@ def train_loop(
     run.model.train()
     for step in range(run.start, t.steps):
         batch = _batch(run, step, lab, unl)
-        loss, logs = train_one_step(run, batch)
+        if step == run.start and t.compile:
+            loss, logs = _first_compiled_step(run, batch)
+        else:
+            loss, logs = train_one_step(run, batch)
         window.add({"loss": loss.detach(), **logs})
         steps_window += 1
 
