@@ -27,7 +27,7 @@ from raykd.train.runfolder import first_difference
 from raykd.train.teacher import check_checkpoint_teacher, prepare_teacher
 from raykd.tune.config import AblationConfig
 from raykd.tune.lock import StudyLock
-from raykd.tune.progress import ProgressTable
+from raykd.tune.progress import NoTuneEvents, ProgressTable
 from raykd.tune.records import TUNE_DIR, collect_trials
 from raykd.tune.resources import cluster_nodes, concurrency, init_ray_for
 from raykd.tune.space import check_key, check_metric, with_params
@@ -154,7 +154,7 @@ def _run_locked(abl: AblationConfig, folder: Path, resuming: bool, address: str 
             run_config=tune.RunConfig(
                 name=TUNE_DIR, storage_path=str(folder.resolve()), verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=abl.base.train.keep_checkpoints),
-                callbacks=[ProgressTable([*keys, "seed"], abl.metric, "max", abl.base.train.steps)],
+                callbacks=[ProgressTable([*keys, "seed"], abl.metric, "max", abl.base.train.steps), NoTuneEvents()],
             ),
         ).fit()  # fmt: skip
     paths = write_report(folder, abl)

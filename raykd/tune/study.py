@@ -36,7 +36,7 @@ from raykd.train.teacher import check_checkpoint_teacher, prepare_teacher
 from raykd.tune.config import StudyConfig
 from raykd.tune.lock import StudyLock
 from raykd.tune.mirror import _WORKING_COPY, TrialMirror
-from raykd.tune.progress import ProgressTable, _fmt, render_table
+from raykd.tune.progress import NoTuneEvents, ProgressTable, _fmt, render_table
 from raykd.tune.records import OPTUNA_DB, STUDY_FILE, TRIALS_DIR, TUNE_DIR, collect_trials, rank_trials
 from raykd.tune.resources import cluster_nodes, concurrency, init_ray_for, trials_that_fit
 from raykd.tune.space import Dist, check_metric, resolve_search, suggest
@@ -124,7 +124,7 @@ def build_tuner(
                                   grace_period=t.grace_period, reduction_factor=t.reduction_factor)  # fmt: skip
     else:
         scheduler = FIFOScheduler()
-    callbacks: list = [ProgressTable(list(study.search), t.metric, t.mode, study.base.train.steps)]
+    callbacks: list = [ProgressTable(list(study.search), t.metric, t.mode, study.base.train.steps), NoTuneEvents()]
     if remote is not None:
         callbacks.append(TrialMirror(study_dir, remote, study.base, list(study.search)))
     return tune.Tuner(
