@@ -66,6 +66,9 @@ def test_ray_train_run_resumes_from_its_checkpoint(tmp_path, ray_local):
     assert second["step"] == 6
     steps = [json.loads(line)["step"] for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6]  # the second run started at the step-4 checkpoint, not at 0
+    from raykd.train.events import read_scalars
+
+    assert [s for s, _ in read_scalars(tmp_path / "tb")["eval/test_acc"]] == steps  # rank 0's events, by step
     assert json.loads((tmp_path / "result.json").read_text())["step"] == 6
 
 
