@@ -154,22 +154,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from raykd.config import search_range
-    from raykd.registry import METHODS
+    from raykd import catalog
 
-    for name in METHODS.names():
-        method = METHODS.get(name)
-        doc = (method.__doc__ or "").strip().splitlines()[0] if method.__doc__ else ""
-        print(f"{name}: {doc}")
-        knobs = [k for k in method.Config.model_fields if k != "name"]
-        if not knobs:
-            print("    (no knobs)")
-        for k in knobs:
-            field = method.Config.model_fields[k]
-            rng = search_range(method.Config, k)
-            rng_s = f"{next(iter(rng))} {next(iter(rng.values()))}" if rng else "not searched"
-            help_text = field.description or ""
-            print(f"    method.{k:<14} default {field.default!r:<8} search {rng_s:<28} {help_text}")
+    print(catalog.describe(args.name) if args.name else catalog.listing())
     return 0
 
 
@@ -309,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_report)
 
     me = sub.add_parser("methods", help="list methods, their knobs, defaults and search ranges")
+    me.add_argument("name", nargs="?", help="one method in full: every knob's type, default, range, search and help")
     me.set_defaults(func=cmd_methods)
     return p
 

@@ -299,6 +299,8 @@ class TrainConfig(Strict):
         1e6, gt=0, description="stop the run as diverged when the loss is not finite or above this at an "
         "evaluation (null: only non-finite losses)",
     )  # fmt: skip
+    tensorboard: bool = Field(True, description="rank 0 writes TensorBoard event files keyed by the training step "
+                              "into <run folder>/tb/ at every evaluation")  # fmt: skip
 
 
 class ScalingConfig(Strict):

@@ -8,19 +8,26 @@ keys may be missing) and ``history`` (every evaluation, in order).
 Files written by :func:`write_ablation_report` (into ``out_dir``):
 
 - ``ablation.csv``: one row per grid cell: the knob values, ``n`` (number of *done* seeds) and
-  ``<m>_mean`` / ``<m>_std`` (sample std, ddof=1; 0.0 for one seed; empty for none) for the chosen
-  metric and each of ``test_acc_at_best_val``, ``best_val_acc``, ``val_acc``, ``mask_rate``,
-  ``pseudo_acc`` that some record reports.
-- ``ablation.md``: the same as a Markdown table with "mean ± std" cells.
+  ``<m>_mean`` / ``<m>_std`` (sample std, ddof=1; empty for one seed, where it is undefined, and for
+  none) for the chosen metric and each of ``test_acc_at_best_val``, ``best_val_acc``, ``val_acc``,
+  ``mask_rate``, ``pseudo_acc`` that some record reports.
+- ``ablation.md``: the same as a Markdown table with "mean ± std" cells; a value from one seed is
+  written ``0.8500 (n=1)``, without ±, and a metric that fewer seeds reported than the cell's ``n``
+  names its own count.
 - ``ablation.png``: the chosen metric (and ``test_acc_at_best_val``) against the first knob, with
-  std error bars; one line per value of the second knob for a 2-D grid.
+  std error bars (none for one seed) and each point's ``n``; one line per value of the second knob
+  for a 2-D grid.  The x axis is logarithmic for a knob declared log-scaled (``log_keys``) or a
+  positive grid spanning 20× or more.
 
 Files written by :func:`write_study_report`:
 
 - ``study_trials.csv`` (one row per trial, in record order) and ``study.md`` (best first, best trial
   marked ``*``).
-- ``metric_vs_<key>.png`` per search key, ``history.png`` (metric per trial with the running best),
-  and ``importance.png`` (Optuna parameter importances) when the Optuna study allows it.
+- ``metric_vs_<key>.png`` per search key (a logarithmic x axis for the keys searched on a log scale,
+  ``loguniform`` / ``logint``), ``history.png`` (metric per trial with the running best), and
+  ``importance.png`` (Optuna's fANOVA parameter importances) once at least
+  :data:`MIN_IMPORTANCE_TRIALS` trials completed; below that (or when Optuna cannot compute them)
+  ``study.md`` says why it is absent: importances from a handful of trials are noise.
 
 Which metric is which: the chosen metric (e.g. ``test_acc``) is the value of the *final* evaluation
 (the last reported one for trials that did not finish); ``test_acc_at_best_val`` is the test accuracy
@@ -41,7 +48,7 @@ import math
 import numbers
 import statistics
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +57,8 @@ EXTRA_ABLATION_METRICS = ("test_acc_at_best_val", "best_val_acc", "val_acc", "ma
 #: Extra columns of the study table when some record has them.
 EXTRA_STUDY_METRICS = ("test_acc", "val_acc", "test_acc_at_best_val")
 BEST_ON_VAL = "test_acc_at_best_val"
+#: COMPLETE Optuna trials needed before parameter importances are computed and drawn (fewer: noise)
+MIN_IMPORTANCE_TRIALS = 10
 DPI = 120
 _STATE_STYLE = {  # state -> (marker, filled, colour)
     "done": ("o", True, "tab:blue"),
@@ -111,11 +120,16 @@ def metric_note(metric: str) -> str:
     return f"`{metric}` = value at the final evaluation (last reported for unfinished trials); {best_on_val}"
 
 
-def format_mean_std(mean: float | None, std: float | None, digits: int = 4) -> str:
-    """``"0.8500 ± 0.0707"``; an empty string when there is no mean (no finished seed)."""
+def format_mean_std(mean: float | None, std: float | None, digits: int = 4, n: int | None = None) -> str:
+    """``"0.8500 ± 0.0707"``; ``"0.8500 (n=1)"`` for one sample (no spread to show); an empty string
+    when there is no mean (no finished seed).  ``n``, when given, is the number of samples and is
+    written after the value (``"0.8500 ± 0.0707 (n=2)"``)."""
     if mean is None:
         return ""
-    return f"{mean:.{digits}f} ± {(std or 0.0):.{digits}f}"
+    count = f" (n={n})" if n is not None else ""
+    if n == 1 or std is None:
+        return f"{mean:.{digits}f}{count}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}{count}"
 
 
 def format_value(value: Any) -> str:
@@ -169,12 +183,15 @@ def ordered_values(values: Iterable[Any]) -> list[Any]:
     return distinct
 
 
-def _x_positions(values: Sequence[Any]) -> tuple[list[float], bool, list[str] | None]:
-    """Plot positions for knob values: ``(xs, log_axis, tick_labels or None)``."""
+def _x_positions(values: Sequence[Any], log: bool | None = None) -> tuple[list[float], bool, list[str] | None]:
+    """Plot positions for knob values: ``(xs, log_axis, tick_labels or None)``.  ``log``: True for a
+    knob on a log scale, False for a linear one, None to decide from the values (positive and
+    spanning 20× or more); a log axis needs positive values."""
     if values and all(_is_number(v) for v in values):
         xs = [float(v) for v in values]
-        log = min(xs) > 0 and max(xs) / min(xs) >= 20
-        return xs, log, None
+        if log is None:
+            log = min(xs) > 0 and max(xs) / min(xs) >= 20
+        return xs, bool(log) and min(xs) > 0, None
     return [float(i) for i in range(len(values))], False, [format_value(v) for v in values]
 
 
@@ -193,13 +210,24 @@ def _set_x_axis(ax, xs: list[float], log: bool, labels: list[str] | None) -> Non
         ax.set_xticklabels(labels)
         ax.set_xlim(-0.5, len(xs) - 0.5)
     elif log:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))  # 0.01, 0.02, 0.03, 0.05: plain numbers
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_locator(NullLocator())
 
 
-def _grid_ticks(ax, xs: list[float], values: Sequence[Any], log: bool) -> None:
-    """Ticks at a numeric grid's values (when few), and x limits covering the whole grid."""
-    if not xs or not all(_is_number(v) for v in values):
-        return
+def _grid_ticks(ax, xs: list[float], values: Sequence[Any], log: bool, notes: dict[float, str] | None = None) -> bool:
+    """Ticks at a numeric grid's values (when few), and x limits covering the whole grid; ``notes``
+    (x -> text) go under the tick labels.  Returns whether the ticks are the grid's values."""
+    notes = notes or {}
+    if xs and not all(_is_number(v) for v in values):  # categories: the labels _set_x_axis set
+        ax.set_xticklabels([f"{format_value(v)}\n{notes[x]}" if x in notes else format_value(v)
+                            for x, v in zip(xs, values, strict=True)])  # fmt: skip
+        return True
+    if not xs:
+        return False
     lo, hi = min(xs), max(xs)
     if log:
         ax.set_xlim(lo / 1.3, hi * 1.3)
@@ -209,7 +237,10 @@ def _grid_ticks(ax, xs: list[float], values: Sequence[Any], log: bool) -> None:
     if len(xs) <= 12:
         ax.minorticks_off()
         ax.set_xticks(xs)
-        ax.set_xticklabels([format_value(v) for v in values])
+        ax.set_xticklabels([f"{format_value(v)}\n{notes[x]}" if x in notes else format_value(v)
+                            for x, v in zip(xs, values, strict=True)])  # fmt: skip
+        return True
+    return False
 
 
 def _save(fig, path: Path) -> Path:
@@ -256,7 +287,8 @@ def aggregate_ablation(records: Sequence[dict], knobs: Sequence[str], metrics: S
 
     Returns:
         One dict per cell, ordered by knob values: ``{"values": tuple, "n": int,
-        "stats": {metric: (mean, std) or (None, None)}}``.
+        "stats": {metric: (mean, std, count)}}``: ``count`` seeds reported the metric; ``std`` is None
+        below two, ``mean`` None for none.
     """
     axes = [ordered_values(r["params"][k] for r in records) for k in knobs]
     rank = [{_value_key(v): i for i, v in enumerate(vals)} for vals in axes]
@@ -277,16 +309,14 @@ def aggregate_ablation(records: Sequence[dict], knobs: Sequence[str], metrics: S
         cell = cells[key]
         stats = {}
         for m, xs in cell.pop("samples").items():
-            if not xs:
-                stats[m] = (None, None)
-            else:
-                stats[m] = (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+            mean = statistics.fmean(xs) if xs else None
+            stats[m] = (mean, statistics.stdev(xs) if len(xs) > 1 else None, len(xs))
         out.append({**cell, "stats": stats})
     return out
 
 
 def write_ablation_report(
-    records: Sequence[dict], knobs: list[str], metric: str, out_dir: str | Path
+    records: Sequence[dict], knobs: list[str], metric: str, out_dir: str | Path, log_keys: Collection[str] = ()
 ) -> dict[str, Path]:
     """Write ``ablation.csv``, ``ablation.md`` and ``ablation.png`` for a grid of knob values × seeds.
 
@@ -295,6 +325,7 @@ def write_ablation_report(
         knobs: 1 or 2 dotted knob names; the first is the x axis, the second (if any) gives one line per value.
         metric: the ablation's chosen metric (e.g. ``"test_acc"``).
         out_dir: folder to write into (created if needed).
+        log_keys: knobs declared on a log scale (their axis is logarithmic whatever the grid).
 
     Returns:
         ``{"csv": path, "md": path, "png": path}``.
@@ -311,54 +342,78 @@ def write_ablation_report(
     for c in cells:
         row = [*c["values"], c["n"]]
         for m in metrics:
-            mean, std = c["stats"][m]
+            mean, std, _ = c["stats"][m]
             row += [_csv_value(mean), _csv_value(std)]
         csv_rows.append(row)
     paths = {"csv": _write_csv(out / "ablation.csv", headers, csv_rows)}
 
-    md_rows = [
-        [*(format_value(v) for v in c["values"]), c["n"], *(format_mean_std(*c["stats"][m]) for m in metrics)]
-        for c in cells
-    ]
+    def md_cell(c: dict, m: str) -> str:
+        mean, std, count = c["stats"][m]
+        return format_mean_std(mean, std, n=count if count == 1 or count != c["n"] else None)
+
+    md_rows = [[*(format_value(v) for v in c["values"]), c["n"], *(md_cell(c, m) for m in metrics)] for c in cells]
     title = f"# Ablation: {' × '.join(knobs)}\n\n"
-    body = f"Mean ± sample std over finished seeds (`n`). {metric_note(metric)}\n\n"
+    body = (f"Mean ± sample std over finished seeds (`n`); a value from one seed is marked `(n=1)` and has "
+            f"no ±. {metric_note(metric)}\n\n")  # fmt: skip
     paths["md"] = out / "ablation.md"
     paths["md"].write_text(title + body + markdown_table([*knobs, "n", *metrics], md_rows), encoding="utf-8")
 
-    paths["png"] = _plot_ablation(cells, knobs, metric, BEST_ON_VAL in metrics and metric != BEST_ON_VAL, out)
+    with_best = BEST_ON_VAL in metrics and metric != BEST_ON_VAL
+    paths["png"] = _plot_ablation(cells, knobs, metric, with_best, out, log=True if knobs[0] in log_keys else None)
     return paths
 
 
-def _plot_ablation(cells: list[dict], knobs: Sequence[str], metric: str, with_best: bool, out: Path) -> Path:
+def _spread_note(cells: list[dict], metric: str) -> str:
+    """The title's note on error bars: what they are, or that one seed has none."""
+    counts = [c["stats"][metric][2] for c in cells if c["stats"][metric][0] is not None]
+    if counts and max(counts) == 1:
+        return "one seed: no error bars"
+    return "mean ± std over n seeds"
+
+
+def _annotate_n(ax, px: list[float], py: list[float], pn: list[int]) -> None:
+    """``n=<seeds>`` to the right of each point (clear of its error bar)."""
+    for x, y, n in zip(px, py, pn, strict=True):
+        ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(7, 0), ha="left", va="center",
+                    fontsize="small", color="dimgray", bbox={"boxstyle": "square,pad=0.1", "fc": "white",
+                    "ec": "none", "alpha": 0.7})  # fmt: skip
+
+
+def _plot_ablation(cells: list[dict], knobs: Sequence[str], metric: str, with_best: bool, out: Path,
+                   log: bool | None = None) -> Path:  # fmt: skip
     plt = _pyplot()
     x_values = ordered_values(c["values"][0] for c in cells)
-    xs, log, labels = _x_positions(x_values)
+    xs, log, labels = _x_positions(x_values, log)
     x_of = {_value_key(v): x for v, x in zip(x_values, xs, strict=True)}
 
-    def series(m: str, line_value_key=None) -> tuple[list[float], list[float], list[float]]:
-        px, py, pe = [], [], []
+    def series(m: str, line_value_key=None) -> tuple[list[float], list[float], list[float], list[int]]:
+        px, py, pe, pn = [], [], [], []
         for c in cells:
             if line_value_key is not None and _value_key(c["values"][1]) != line_value_key:
                 continue
-            mean, std = c["stats"][m]
+            mean, std, count = c["stats"][m]
             if mean is not None:
                 px.append(x_of[_value_key(c["values"][0])])
                 py.append(mean)
-                pe.append(std)
-        return px, py, pe
+                pe.append(std if std is not None else 0.0)  # one seed: no bar
+                pn.append(count)
+        return px, py, pe, pn
 
     shown = [metric, BEST_ON_VAL] if with_best else [metric]
+    note = _spread_note(cells, metric)
     if len(knobs) == 1:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         for m, fmt in zip(shown, ("o-", "s--"), strict=False):
-            px, py, pe = series(m)
+            px, py, pe, _ = series(m)
             ax.errorbar(px, py, yerr=pe, fmt=fmt, capsize=4, label=m)
         ax.set_ylabel(" / ".join(shown))
-        ax.set_title(f"{metric} vs {knobs[0]} (mean ± std over seeds)")
+        ax.set_title(f"{metric} vs {knobs[0]} ({note})")
         if len(shown) > 1:
             ax.legend()
         _set_x_axis(ax, xs, log, labels)
-        _grid_ticks(ax, xs, x_values, log)
+        px, py, _, pn = series(metric)
+        if not _grid_ticks(ax, xs, x_values, log, {x: f"n={n}" for x, n in zip(px, pn, strict=True)}):
+            _annotate_n(ax, px, py, pn)  # too many values for a tick each: beside the points
         ax.set_xlabel(knobs[0])
         ax.grid(alpha=0.3)
         return _save(fig, out / "ablation.png")
@@ -367,13 +422,16 @@ def _plot_ablation(cells: list[dict], knobs: Sequence[str], metric: str, with_be
     fig, axs = plt.subplots(1, len(shown), figsize=(6.4 * len(shown), 4.4), sharey=True, squeeze=False)
     for ax, m in zip(axs[0], shown, strict=True):
         for v in line_values:
-            px, py, pe = series(m, _value_key(v))
+            px, py, pe, pn = series(m, _value_key(v))
             ax.errorbar(px, py, yerr=pe, fmt="o-", capsize=4, label=format_value(v))
-        ax.set_title(f"{m} vs {knobs[0]} (mean ± std over seeds)")
+            _annotate_n(ax, px, py, pn)
+        ax.set_title(f"{m} vs {knobs[0]} ({note})")
         ax.set_xlabel(knobs[0])
         ax.set_ylabel(m)
         _set_x_axis(ax, xs, log, labels)
         _grid_ticks(ax, xs, x_values, log)
+        lo, hi = ax.get_xlim()  # room for the last points' n on the right
+        ax.set_xlim(lo, hi * 1.15 if log else hi + 0.06 * (hi - lo))
         ax.grid(alpha=0.3)
         if len(line_values) > 1:
             ax.legend(title=knobs[1])
@@ -433,6 +491,7 @@ def write_study_report(
     out_dir: str | Path,
     optuna_storage: str | None = None,
     study_name: str | None = None,
+    log_keys: Collection[str] | None = None,
 ) -> dict[str, Path]:
     """Write the study's trial table, per-knob scatter plots, history plot and (if possible) importances.
 
@@ -443,6 +502,8 @@ def write_study_report(
         out_dir: folder to write into (created if needed).
         optuna_storage: Optuna storage URL (``"sqlite:///.../optuna.db"``) for parameter importances.
         study_name: the Optuna study's name in that storage.
+        log_keys: the search keys sampled on a log scale (``loguniform``, ``logint``): their plots get
+            a logarithmic x axis and the others a linear one; None = decide from the values.
 
     Returns:
         Paths by key: ``"csv"``, ``"md"``, ``"history"``, ``"metric_vs_<key>"`` per search key and
@@ -477,17 +538,25 @@ def write_study_report(
     order = ranked + [i for i in range(len(records)) if i not in ranked]  # best first, unranked last
     md_rows = [["*" if i == best else "", *md_row(raw[i])] for i in order]
     text = f"# Study trials ({metric}, {mode})\n\n`*` = best trial. {metric_note(metric)}\n\n"
-    paths["md"] = out / "study.md"
-    paths["md"].write_text(text + markdown_table(["best", *headers], md_rows), encoding="utf-8")
+    text += markdown_table(["best", *headers], md_rows)
 
     for key in search_keys:
         name = f"metric_vs_{key.replace('.', '_')}"
-        paths[name] = _plot_metric_vs(records, key, metric, best, out / f"{name}.png")
+        log = None if log_keys is None else key in log_keys
+        paths[name] = _plot_metric_vs(records, key, metric, best, out / f"{name}.png", log=log)
     paths["history"] = _plot_history(records, metric, mode, best, out / "history.png")
     if optuna_storage and study_name:
-        importances = param_importances(optuna_storage, study_name)
+        importances, why = importance_or_reason(optuna_storage, study_name)
+        (out / "importance.png").unlink(missing_ok=True)  # never a stale plot from an earlier report
         if importances:
-            paths["importance"] = _plot_importance(importances, study_name, out / "importance.png")
+            paths["importance"] = _plot_importance(importances, f"{study_name}, {why}", out / "importance.png")
+            rows = [[f"`{k}`", f"{v:.3f}"] for k, v in importances.items()]
+            text += f"\n## Parameter importances\n\n{why} (`importance.png`):\n\n"
+            text += markdown_table(["parameter", "importance"], rows)
+        else:
+            text += f"\n## Parameter importances\n\nNo importance plot: {why}.\n"
+    paths["md"] = out / "study.md"
+    paths["md"].write_text(text, encoding="utf-8")
     return paths
 
 
@@ -505,7 +574,8 @@ def _mark_best(ax, x: float, y: float) -> None:
     ax.scatter([x], [y], marker="*", s=260, c="gold", edgecolors="black", zorder=5, label="best")
 
 
-def _plot_metric_vs(records: Sequence[dict], key: str, metric: str, best: int | None, path: Path) -> Path:
+def _plot_metric_vs(records: Sequence[dict], key: str, metric: str, best: int | None, path: Path,
+                    log: bool | None = None) -> Path:  # fmt: skip
     plt = _pyplot()
     usable = [
         (i, r)
@@ -513,7 +583,7 @@ def _plot_metric_vs(records: Sequence[dict], key: str, metric: str, best: int | 
         if key in (r.get("params") or {}) and _number(_metrics(r).get(metric)) is not None
     ]
     values = ordered_values(r["params"][key] for _, r in usable)
-    xs, log, labels = _x_positions(values)
+    xs, log, labels = _x_positions(values, log)
     x_of = {_value_key(v): x for v, x in zip(values, xs, strict=True)}
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     points = [(x_of[_value_key(r["params"][key])], _number(_metrics(r)[metric]), r.get("state", "")) for _, r in usable]
@@ -522,7 +592,7 @@ def _plot_metric_vs(records: Sequence[dict], key: str, metric: str, best: int | 
         if i == best:
             _mark_best(ax, p[0], p[1])
     _set_x_axis(ax, xs, log, labels)
-    ax.set_xlabel(key)
+    ax.set_xlabel(f"{key} (log scale)" if log else key)
     ax.set_ylabel(f"{metric} (last reported)")
     ax.set_title(f"{metric} vs {key}")
     ax.grid(alpha=0.3)
@@ -561,12 +631,20 @@ def _plot_history(records: Sequence[dict], metric: str, mode: str, best: int | N
     return _save(fig, path)
 
 
-def param_importances(storage: str, study_name: str) -> dict[str, float] | None:
-    """Optuna (fANOVA) parameter importances of a single-objective study, most important first.
+def param_importances(
+    storage: str, study_name: str, min_trials: int = MIN_IMPORTANCE_TRIALS
+) -> dict[str, float] | None:
+    """Optuna (fANOVA) parameter importances of a single-objective study, most important first;
+    ``None`` (never raises) when :func:`importance_or_reason` gives a reason instead."""
+    return importance_or_reason(storage, study_name, min_trials)[0]
 
-    Returns ``None`` (never raises) when the study cannot be loaded, is multi-objective, has fewer
-    than 2 COMPLETE trials, has no parameter that varies, or the evaluator fails.
-    """
+
+def importance_or_reason(
+    storage: str, study_name: str, min_trials: int = MIN_IMPORTANCE_TRIALS
+) -> tuple[dict[str, float] | None, str]:
+    """``(importances, what they rest on)`` or ``(None, why there are none)``: the study cannot be
+    loaded, is multi-objective, has fewer than ``min_trials`` COMPLETE trials (importances of a
+    handful of trials are noise), has no parameter that varies, or the evaluator fails."""
     import optuna
     from optuna.exceptions import ExperimentalWarning
 
@@ -575,27 +653,32 @@ def param_importances(storage: str, study_name: str) -> dict[str, float] | None:
         warnings.simplefilter("ignore", ExperimentalWarning)
         try:
             study = optuna.load_study(study_name=study_name, storage=storage)
-            if len(study.directions) != 1:
-                return None
-            complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if len(complete) < 2:
-                return None
-            names = {n for t in complete for n in t.params}
-            if not any(len({repr(t.params.get(n)) for t in complete}) > 1 for n in names):
-                return None
+        except Exception as e:  # noqa: BLE001 - importances are optional
+            return None, f"the Optuna study {study_name!r} could not be loaded ({type(e).__name__})"
+        if len(study.directions) != 1:
+            return None, "the Optuna study has several objectives"
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if len(complete) < min_trials:
+            return None, (f"{len(complete)} completed trial(s); importances need at least {min_trials} "
+                          "(from fewer they are noise)")  # fmt: skip
+        names = {n for t in complete for n in t.params}
+        if not any(len({repr(t.params.get(n)) for t in complete}) > 1 for n in names):
+            return None, "no searched parameter varies across the completed trials"
+        try:
             evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-            return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
-        except Exception:  # importances are optional: too few or degenerate trials
-            return None
+            importances = dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
+        except Exception as e:  # noqa: BLE001 - degenerate trials
+            return None, f"Optuna could not compute them ({type(e).__name__})"
+        return importances, f"fANOVA over {len(complete)} completed trials"
 
 
-def _plot_importance(importances: dict[str, float], study_name: str, path: Path) -> Path:
+def _plot_importance(importances: dict[str, float], title: str, path: Path) -> Path:
     plt = _pyplot()
     names = list(importances)[::-1]  # most important on top
     fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.45 * len(names)))
     ax.barh(names, [importances[n] for n in names], color="tab:blue")
     ax.set_xlabel("importance (fANOVA, normalised)")
     ax.set_ylabel("parameter")
-    ax.set_title(f"Parameter importances: {study_name}")
+    ax.set_title(f"Parameter importances ({title})", fontsize="medium")
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)

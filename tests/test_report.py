@@ -104,7 +104,7 @@ def test_ablation_cell_without_done_seeds(tmp_path):
     rows = _read_csv(paths["csv"])
     assert [r[k] for r in rows] == ["0.003", "0.03", "0.3"]
     assert [r["n"] for r in rows] == ["1", "1", "0"]
-    assert rows[0]["test_acc_std"] == "0.0"
+    assert rows[0]["test_acc_std"] == ""  # one seed: no spread to report
     assert rows[2]["test_acc_mean"] == "" and rows[2]["test_acc_std"] == ""
     _assert_png(paths["png"])  # log x axis (100x span), one empty cell
 
@@ -244,7 +244,7 @@ def _optuna_study(tmp_path, n_trials):
 
 
 def test_importance(tmp_path):
-    storage = _optuna_study(tmp_path, 8)
+    storage = _optuna_study(tmp_path, report.MIN_IMPORTANCE_TRIALS)
     imp = report.param_importances(storage, "s")
     assert imp is not None and set(imp) == {"x", "y"}
     assert imp["x"] > imp["y"]
@@ -255,6 +255,8 @@ def test_importance(tmp_path):
             _study_records(), ["method.threshold"], "test_acc", "max", tmp_path / "r", storage, "s"
         )
     _assert_png(paths["importance"])
+    md = paths["md"].read_text()
+    assert f"fANOVA over {report.MIN_IMPORTANCE_TRIALS} completed trials" in md and "| `x` |" in md
 
 
 def test_importance_skipped(tmp_path):
@@ -297,3 +299,93 @@ def test_paired_comparison_on_hand_made_seeds():
     assert report.format_paired(c) == "+0.0280 [+0.0176, +0.0384], 5/5 seeds up: holds"
     with pytest.raises(ValueError):
         report.paired_comparison([0.1, 0.2], [0.3])
+
+
+class _Figures:
+    """Captures every figure the report saves (axes scales, titles, texts) before it is closed."""
+
+    def __init__(self, monkeypatch):
+        self.saved: dict[str, list] = {}
+        original = report._save
+
+        def save(fig, path):
+            self.saved[path.name] = [
+                {"xscale": ax.get_xscale(), "title": ax.get_title(), "xlabel": ax.get_xlabel(),
+                 "texts": [t.get_text() for t in ax.texts], "ticks": [t.get_text() for t in ax.get_xticklabels()]}
+                for ax in fig.axes
+            ]  # fmt: skip
+            return original(fig, path)
+
+        monkeypatch.setattr(report, "_save", save)
+
+
+def test_study_plots_use_a_log_axis_for_log_scaled_knobs(tmp_path, monkeypatch):
+    figs = _Figures(monkeypatch)
+    keys = ["method.threshold", "train.lr"]
+    # lr spans only 3x (the value heuristic alone would draw it linear), the threshold 1.4x
+    records = [_rec(f"t{i}", "done", {"method.threshold": 0.65 + 0.03 * i, "train.lr": 0.01 * (1 + 0.25 * i)},
+                    step=400, test_acc=0.5 + 0.04 * i) for i in range(9)]  # fmt: skip
+    paths = report.write_study_report(records, keys, "test_acc", "max", tmp_path, log_keys={"train.lr"})
+    assert figs.saved["metric_vs_train_lr.png"][0]["xscale"] == "log"
+    assert figs.saved["metric_vs_train_lr.png"][0]["xlabel"] == "train.lr (log scale)"
+    assert figs.saved["metric_vs_method_threshold.png"][0]["xscale"] == "linear"
+    _assert_png(paths["metric_vs_train_lr"])
+    # a uniform knob is drawn linear even when its values span 100x; without log_keys the values decide
+    wide = [_rec(f"w{i}", "done", {"method.k": 10.0**i}, test_acc=0.5) for i in range(3)]
+    report.write_study_report(wide, ["method.k"], "test_acc", "max", tmp_path / "a", log_keys=set())
+    assert figs.saved["metric_vs_method_k.png"][0]["xscale"] == "linear"
+    report.write_study_report(wide, ["method.k"], "test_acc", "max", tmp_path / "b")
+    assert figs.saved["metric_vs_method_k.png"][0]["xscale"] == "log"
+
+
+def test_no_importance_plot_from_too_few_trials_and_study_md_says_why(tmp_path):
+    few = report.MIN_IMPORTANCE_TRIALS - 1
+    storage = _optuna_study(tmp_path, few)
+    assert report.param_importances(storage, "s") is None
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "importance.png").write_bytes(b"stale")  # from an earlier report
+    paths = report.write_study_report(_study_records(), ["method.threshold"], "test_acc", "max", tmp_path / "r",
+                                      storage, "s")  # fmt: skip
+    assert "importance" not in paths and not (tmp_path / "r" / "importance.png").exists()
+    md = paths["md"].read_text()
+    assert (f"No importance plot: {few} completed trial(s); importances need at least "
+            f"{report.MIN_IMPORTANCE_TRIALS}") in md  # fmt: skip
+    imp, why = report.importance_or_reason(storage, "s", min_trials=2)
+    assert imp is not None and why == f"fANOVA over {few} completed trials"
+    assert report.importance_or_reason(storage, "nope")[1].startswith("the Optuna study 'nope' could not be loaded")
+
+
+def test_ablation_with_one_seed_shows_n_and_no_spread(tmp_path, monkeypatch):
+    figs = _Figures(monkeypatch)
+    k = "train.lr"
+    records = [_rec(f"a{lr}", "done", {k: lr, "seed": 0}, **_ssl_metrics(0.5 + lr, 0.5, 0.9, 0.8))
+               for lr in (0.01, 0.03, 0.1)]  # fmt: skip
+    paths = report.write_ablation_report(records, [k], "test_acc", tmp_path, log_keys={k})
+    rows = _read_csv(paths["csv"])
+    assert [r["n"] for r in rows] == ["1", "1", "1"] and all(r["test_acc_std"] == "" for r in rows)
+    table = _table_rows(paths["md"].read_text())
+    assert "±" not in "".join(table) and "0.5100 (n=1)" in table[1]
+    (fig,) = figs.saved["ablation.png"]
+    assert fig["ticks"] == ["0.01\nn=1", "0.03\nn=1", "0.1\nn=1"] and "one seed: no error bars" in fig["title"]
+    assert fig["xscale"] == "log"  # declared log-scaled, though the grid spans only 10x
+
+
+def test_ablation_names_the_seed_count_of_each_point(tmp_path, monkeypatch):
+    figs = _Figures(monkeypatch)
+    k = "method.threshold"
+    records = [_rec(f"{th}{s}", "done", {k: th, "seed": s}, test_acc=0.6 + 0.01 * s) for th, n in ((0.7, 3), (0.9, 2))
+               for s in range(n)]  # fmt: skip
+    records.append(_rec("x", "done", {k: 0.9, "seed": 2}, step=400))  # finished, but without the metric
+    paths = report.write_ablation_report(records, [k], "test_acc", tmp_path)
+    table = _table_rows(paths["md"].read_text())
+    assert "0.6100 ± 0.0100 |" in table[1]  # 3 of 3 seeds: the n column says it
+    assert "0.6050 ± 0.0071 (n=2)" in table[2]  # 2 of the cell's 3 seeds reported it
+    (fig,) = figs.saved["ablation.png"]
+    assert fig["ticks"] == ["0.7\nn=3", "0.9\nn=2"] and "mean ± std over n seeds" in fig["title"]
+    # a 2-D grid: the n of each point beside it (the lines at one x may differ)
+    records = [_rec(f"{th}{lam}{s}", "done", {k: th, "method.lambda_u": lam, "seed": s}, test_acc=0.6)
+               for th in (0.7, 0.9) for lam in (1.0, 2.0) for s in range(1 if lam == 2.0 else 2)]  # fmt: skip
+    report.write_ablation_report(records, [k, "method.lambda_u"], "test_acc", tmp_path / "2d")
+    (fig,) = figs.saved["ablation.png"]
+    assert sorted(fig["texts"]) == ["n=1", "n=1", "n=2", "n=2"]
+    assert report.format_mean_std(0.85, None, n=1) == "0.8500 (n=1)"

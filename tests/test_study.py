@@ -151,6 +151,13 @@ def test_study_runs_exports_and_the_export_reproduces(tmp_path, ray_local, capsy
     ot = optuna.load_study(study_name="tiny", storage=f"sqlite:///{d / 'optuna.db'}")
     assert [t.state.name for t in ot.trials] == ["COMPLETE"] * 3
     assert (d / "study.md").exists() and (d / "history.png").exists()
+    # TensorBoard: each trial's events are keyed by the training step; Tune writes none of its own
+    from raykd.train.events import read_scalars
+
+    for t in trials:
+        steps = [json.loads(line)["step"] for line in (d / "trials" / t / "progress.jsonl").read_text().splitlines()]
+        assert [s for s, _ in read_scalars(d / "trials" / t / "tb")["eval/val_acc"]] == steps
+    assert not list((d / "tune").rglob("events.out.tfevents.*"))
 
     status = study_mod.status_text(d)
     assert status.count("done") == 3 and "*" in status

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,9 @@ def test_ray_train_run_resumes_from_its_checkpoint(tmp_path, ray_local):
     assert second["step"] == 6
     steps = [json.loads(line)["step"] for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6]  # the second run started at the step-4 checkpoint, not at 0
+    from raykd.train.events import read_scalars
+
+    assert [s for s, _ in read_scalars(tmp_path / "tb")["eval/test_acc"]] == steps  # rank 0's events, by step
     assert json.loads((tmp_path / "result.json").read_text())["step"] == 6
 
 
@@ -112,3 +116,31 @@ def test_out_folder_with_a_different_config_is_refused(tmp_path, capsys):
     rc = main(["train", str(QUICKSTART), "--out", str(out)])
     assert rc == 2
     assert "different run" in capsys.readouterr().err
+
+
+def test_event_files_are_keyed_by_the_training_step_and_survive_a_restart(tmp_path):
+    from raykd.train.events import read_scalars
+
+    cfg = tiny_run_config("fixmatch", train={"steps": 6, "eval_every": 2})
+    run_dir = tmp_path / "run"
+    final_state(cfg, run_dir, stop_at=4)
+    first = read_scalars(run_dir / "tb")
+    assert [s for s, _ in first["train/loss"]] == [2, 4]
+    assert {"train/lr", "train/img_per_s", "train/mask_rate", "eval/test_acc"} <= set(first)
+    lr = dict(first["train/lr"])
+    assert lr[2] == pytest.approx(lr_at(cfg, 1)) and lr[4] == pytest.approx(lr_at(cfg, 3))
+
+    shutil.rmtree(run_dir / "checkpoints" / "step_000000004")  # the restart goes back to step 2
+    _, second = final_state(cfg, run_dir)
+    assert [r["step"] for r in second.reports] == [4, 6]
+    files = sorted((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert len(files) == 2  # one file per start
+    scalars = read_scalars(run_dir / "tb")
+    assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6]  # step 4 of the first start purged, not doubled
+    assert [s for s, _ in scalars["eval/test_acc"]] == [2, 4, 6]
+    progress = [json.loads(line) for line in (run_dir / "progress.jsonl").read_text().splitlines()]
+    assert dict(scalars["eval/test_acc"]) == pytest.approx({r["step"]: r["test_acc"] for r in progress})
+
+    off = tiny_run_config("fixmatch", train={"steps": 2, "eval_every": 2, "tensorboard": False})
+    final_state(off, tmp_path / "off")
+    assert not (tmp_path / "off" / "tb").exists()

@@ -188,7 +188,7 @@ class KDFixMatch(Method):
             "penultimate", search={"choice": ["penultimate", "logits"]}, help="what is clustered"
         )
         override_threshold: float | None = knob(
-            None, ge=0.0, le=1.0, help="Heuristic 1: inner confidence that overrides a trusted label (None = tau)"
+            None, ge=0.0, le=1.0, help="Heuristic 1: inner confidence that overrides a trusted label (null = tau)"
         )
         loss_u: Literal["ce", "sce"] = knob("ce", search={"choice": ["ce", "sce"]}, help="unlabeled loss")
         sce_a: float = knob(1.0, search={"loguniform": [0.1, 1.0]}, gt=0.0, help="SCE weight of CE")

@@ -200,7 +200,7 @@ class LayerMatch(Method):
             search={"choice": [0.5, 0.7, 0.9, 0.97, 0.99, 0.999]},
             ge=0.0,
             lt=1.0,
-            help="m_a: averaging momentum (None = 0.9 for sample_ema, soft_avg and feature_center, 0.999 for "
+            help="m_a: averaging momentum (null = 0.9 for sample_ema, soft_avg and feature_center, 0.999 for "
             "center_ema/ema_model)",
         )
         avg_mode: Literal["sample_ema", "center_ema", "ema_model", "feature_center", "soft_avg", "none"] = knob(

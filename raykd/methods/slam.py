@@ -242,7 +242,7 @@ class SLaM(Method):
             "soft", search={"choice": ["soft", "hard"]}, help="teacher label: softmax, or one-hot arg-max"
         )
         alpha_min: float | None = knob(
-            None, search={"uniform": [0.0, 0.5]}, ge=0.0, le=1.0, help="lower clip of alpha(x) (None = 1/classes)"
+            None, search={"uniform": [0.0, 0.5]}, ge=0.0, le=1.0, help="lower clip of alpha(x) (null = 1/classes)"
         )
         ce_weight: float = knob(
             1.0, search={"uniform": [0.0, 1.0]}, ge=0.0, help="weight of CE on labeled data (0 = off)"

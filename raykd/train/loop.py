@@ -6,9 +6,10 @@ the method's loss, SGD with Nesterov momentum, a cosine learning-rate schedule, 
 1-D parameters (BN weights, biases), and an EMA update.  Every ``eval_every`` steps (and at the last
 step) the EMA model (or the raw one with ``train.ema: 0``) is evaluated on the validation and test
 sets, logs are averaged over the window and all-reduced across ranks, and rank 0 writes a checkpoint
-that is reported together with the metrics; at the last step it also writes ``result.json``.  A
-restart resumes from the latest checkpoint (model, EMA, optimiser, method state and step); batch
-sampling and augmentation are functions of the step, so it continues exactly.
+that is reported together with the metrics, and the metrics into ``progress.jsonl`` and TensorBoard
+event files keyed by the step (``tb/``, :mod:`raykd.train.events`); at the last step it also writes
+``result.json``.  A restart resumes from the latest checkpoint (model, EMA, optimiser, method state
+and step); batch sampling and augmentation are functions of the step, so it continues exactly.
 
 :func:`train_loop` runs these named phases: :func:`build_run` (student, method, EMA, optimiser),
 :func:`restore` (the latest checkpoint), then per step :func:`train_one_step`, and at each evaluation
@@ -38,6 +39,7 @@ from raykd.models import build_model
 from raykd.registry import METHODS
 from raykd.train.context import Session, StepContext
 from raykd.train.ema import ModelEMA
+from raykd.train.events import StepEvents
 from raykd.train.runfolder import STATE_FILE, RunFolder, warn
 from raykd.train.sampler import GlobalBatchSampler
 from raykd.train.teacher import load_teacher, teacher_config
@@ -416,6 +418,7 @@ def train_loop(
     if session.rank == 0:
         folder.truncate_progress(run.start)  # evaluations after the checkpoint are written again: keep them once
     run.method.on_train_start()
+    events = StepEvents(folder.path, run.start) if session.rank == 0 and t.tensorboard else None
 
     ctx, rank, world = run.ctx, session.rank, session.world_size
     lab = GlobalBatchSampler(len(ctx.data.labeled), t.batch_size, rank, world, seed=2 * t.seed)
@@ -462,6 +465,8 @@ def train_loop(
             metrics["diverged"] = reason
             if rank == 0:
                 folder.append_progress(metrics)  # the evaluation that diverged, for the record (not reported)
+                if events is not None:
+                    events.write(metrics)
                 folder.write_failure({"reason": reason, "step": done, "metrics": metrics})
             break
         with tempfile.TemporaryDirectory() as tmp:
@@ -470,12 +475,16 @@ def train_loop(
                 torch.save(checkpoint_state(run, done), Path(tmp) / STATE_FILE)
                 ckpt_dir = Path(tmp)
                 folder.append_progress(metrics)
+                if events is not None:
+                    events.write(metrics)
                 if done == t.steps:  # before the report: a scheduler may end the run at its last report
                     folder.write_result(metrics)
             session.report(metrics, ckpt_dir)
         t_window, steps_window = time.perf_counter(), 0
         if done == stop_at:
             break
+    if events is not None:
+        events.close()
     if on_end is not None:
         on_end(ctx, run.method)
     return metrics

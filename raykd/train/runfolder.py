@@ -9,6 +9,7 @@ A run folder (``raykd train``'s ``--out``, a study trial's ``trials/<id>/``, a c
     failed.json          instead of result.json when the run diverged: the reason and the step
     train/checkpoint_*/  Ray Train's checkpoints (the latest ``train.keep_checkpoints``), each a state.pt
     checkpoints/step_*/  the same for in-process runs (:class:`raykd.train.context.LocalSession`)
+    tb/                  TensorBoard event files keyed by the training step (rank 0; ``train.tensorboard``)
 
 Everything else reads and writes these through :class:`RunFolder`: writes of ``config.yaml`` and
 ``result.json`` are atomic (a temporary file renamed into place), and readers tolerate what a crash
@@ -44,6 +45,8 @@ STATE_FILE = "state.pt"
 TRAIN_RUN_NAME = "train"
 #: in-process runs' checkpoints (``checkpoints/step_<N>``)
 LOCAL_CHECKPOINTS = "checkpoints"
+#: TensorBoard event files (:mod:`raykd.train.events`)
+TB_DIR = "tb"
 
 _warned: set[str] = set()
 
@@ -86,7 +89,8 @@ def _read_mapping(path: Path, parse, consequence: str) -> dict[str, Any] | None:
 
 
 #: keys that may change between a run and its resume: they do not change what the run computes
-NOT_COMPARED = ("provenance", "train.max_failures", "train.keep_checkpoints", "train.eval_batch_size")
+NOT_COMPARED = ("provenance", "train.max_failures", "train.keep_checkpoints", "train.eval_batch_size",
+                "train.tensorboard")
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:

@@ -31,7 +31,7 @@ TEACHERS_DIR = "teachers"
 def teacher_hash(cfg: RunConfig) -> str:
     """A short stable hash of a resolved run config."""
     # what may change between runs without changing the teacher (retries, checkpoints kept) is left out
-    volatile = {"provenance": True, "train": {"max_failures", "keep_checkpoints", "eval_batch_size"}}
+    volatile = {"provenance": True, "train": {"max_failures", "keep_checkpoints", "eval_batch_size", "tensorboard"}}
     text = json.dumps(cfg.model_dump(mode="json", exclude=volatile), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -27,10 +27,10 @@ from raykd.train.runfolder import first_difference
 from raykd.train.teacher import check_checkpoint_teacher, prepare_teacher
 from raykd.tune.config import AblationConfig, parse_ablation_file
 from raykd.tune.lock import StudyLock
-from raykd.tune.progress import ProgressTable
+from raykd.tune.progress import NoTuneEvents, ProgressTable
 from raykd.tune.records import TUNE_DIR, collect_trials
 from raykd.tune.resources import cluster_nodes, concurrency, init_ray_for
-from raykd.tune.space import check_key, check_metric, with_params
+from raykd.tune.space import check_key, check_metric, declared_log_scaled, with_params
 from raykd.tune.storage import check_shared
 from raykd.tune.trial import make_trainable, trial_dirname
 
@@ -90,7 +90,9 @@ def records(folder: Path, abl: AblationConfig) -> list[dict[str, Any]]:
 def write_report(folder: Path, abl: AblationConfig) -> dict[str, Path]:
     from raykd.report import write_ablation_report
 
-    return write_ablation_report(records(folder, abl), list(abl.grid), abl.metric, folder)
+    knobs = list(abl.grid)
+    return write_ablation_report(records(folder, abl), knobs, abl.metric, folder,
+                                 log_keys=declared_log_scaled(abl.base, knobs))  # fmt: skip
 
 
 def run(abl: AblationConfig, address: str | None = None) -> int:
@@ -151,7 +153,7 @@ def _run_locked(abl: AblationConfig, folder: Path, resuming: bool, address: str 
             run_config=tune.RunConfig(
                 name=TUNE_DIR, storage_path=str(folder.resolve()), verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=abl.base.train.keep_checkpoints),
-                callbacks=[ProgressTable([*keys, "seed"], abl.metric, "max", abl.base.train.steps)],
+                callbacks=[ProgressTable([*keys, "seed"], abl.metric, "max", abl.base.train.steps), NoTuneEvents()],
             ),
         ).fit()  # fmt: skip
     paths = write_report(folder, abl)

@@ -1,4 +1,5 @@
-"""The live progress of a study or ablation: one line per trial event and a compact table."""
+"""The live progress of a study or ablation: one line per trial event and a compact table; and
+:class:`NoTuneEvents`, which keeps Tune from writing TensorBoard files of its own."""
 
 from __future__ import annotations
 
@@ -7,9 +8,26 @@ import time
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.logger import TBXLoggerCallback
 
 from raykd.report import ranked_indices
 from raykd.tune.space import short_names
+
+
+class NoTuneEvents(TBXLoggerCallback):
+    """In place of Tune's TensorBoard logger (which Tune adds unless one is given): Tune's event files
+    are keyed by its report counter, while every trial writes its own, keyed by the training step, in
+    ``trials/<id>/tb/`` (:mod:`raykd.train.events`); without this, ``tensorboard --logdir
+    runs/<name>`` would show every curve twice on two different x axes."""
+
+    def log_trial_start(self, trial) -> None:
+        pass
+
+    def log_trial_result(self, iteration, trial, result) -> None:
+        pass
+
+    def log_trial_end(self, trial, failed: bool = False) -> None:
+        pass
 
 
 def _fmt(v: Any) -> str:

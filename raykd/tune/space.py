@@ -52,6 +52,19 @@ def declared_range(base: RunConfig, key: str) -> dict[str, Any] | None:
     return search_range(owner, name)
 
 
+LOG_KINDS = ("loguniform", "logint")
+
+
+def log_scaled(space: dict[str, Dist]) -> set[str]:
+    """The keys of a resolved space sampled on a log scale (their plots get a log x axis)."""
+    return {key for key, d in space.items() if d.kind in LOG_KINDS}
+
+
+def declared_log_scaled(base: RunConfig, keys: list[str]) -> set[str]:
+    """The ``keys`` whose declared search range (:func:`declared_range`) is on a log scale."""
+    return {key for key in keys if next(iter(declared_range(base, key) or {"": None})) in LOG_KINDS}
+
+
 def check_key(base: RunConfig, key: str, field: str) -> None:
     """``key`` must name a knob of ``base``: ``section.knob``, or a deeper field of a nested section
     the base config sets (``data.open_set.unseen_fraction``); errors are reported on ``field``."""

@@ -36,10 +36,10 @@ from raykd.train.teacher import check_checkpoint_teacher, prepare_teacher
 from raykd.tune.config import StudyConfig, parse_study_file
 from raykd.tune.lock import StudyLock
 from raykd.tune.mirror import _WORKING_COPY, TrialMirror
-from raykd.tune.progress import ProgressTable, _fmt, render_table
+from raykd.tune.progress import NoTuneEvents, ProgressTable, _fmt, render_table
 from raykd.tune.records import OPTUNA_DB, STUDY_FILE, TRIALS_DIR, TUNE_DIR, collect_trials, rank_trials
 from raykd.tune.resources import cluster_nodes, concurrency, init_ray_for, trials_that_fit
-from raykd.tune.space import Dist, check_metric, resolve_search, suggest
+from raykd.tune.space import Dist, check_metric, log_scaled, resolve_search, suggest
 from raykd.tune.storage import check_shared, is_uri, join, upload, uri_exists
 from raykd.tune.trial import make_trainable, trial_dirname
 
@@ -119,7 +119,7 @@ def build_tuner(
                                   grace_period=t.grace_period, reduction_factor=t.reduction_factor)  # fmt: skip
     else:
         scheduler = FIFOScheduler()
-    callbacks: list = [ProgressTable(list(study.search), t.metric, t.mode, study.base.train.steps)]
+    callbacks: list = [ProgressTable(list(study.search), t.metric, t.mode, study.base.train.steps), NoTuneEvents()]
     if remote is not None:
         callbacks.append(TrialMirror(study_dir, remote, study.base, list(study.search)))
     return tune.Tuner(
@@ -218,9 +218,13 @@ def write_report(study_dir: Path, records: list[dict] | None = None) -> dict[str
     if records is None:
         records = collect_trials(study_dir, list(study.search), study.base.train.steps)
     db = study_dir / OPTUNA_DB
+    try:
+        log_keys = log_scaled(resolve_search(study))
+    except ConfigError:  # a folder written by another raykd version: let the values decide
+        log_keys = None
     return write_study_report(records, list(study.search), t.metric, t.mode, study_dir,
                               optuna_storage=f"sqlite:///{db.resolve()}" if db.exists() else None,
-                              study_name=study.name)  # fmt: skip
+                              study_name=study.name, log_keys=log_keys)  # fmt: skip
 
 
 def _finish(study: StudyConfig, study_dir: Path, wall: float) -> int:
