@@ -17,10 +17,25 @@ from raykd.errors import ConfigError, raykd_command
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line (and still exit 2)."""
+    """argparse, but usage errors are one line (and still exit 2), pointing at the subcommand's help;
+    descriptions and examples are printed as written."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"raykd: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -31,8 +46,9 @@ def resolve_run_dir(config_path: str, out: str | None, resolved: dict[str, Any])
     """Pick the run folder; returns ``(run_dir, resuming)``.
 
     An explicit ``--out`` must be new, or hold an unfinished run of the same config (then it resumes).
-    Without ``--out`` the folder is ``runs/<config stem>``, resumed when unfinished with the same
-    config, else the first free ``runs/<stem>-N``.
+    Without ``--out`` the folder is ``runs/<config stem>`` (``runs/<study>-<stem>`` for a config that
+    ``raykd study export`` wrote), resumed when unfinished with the same config, else the first free
+    ``runs/<stem>-N``.
     """
     from raykd.train.runfolder import RunFolder
 
@@ -51,6 +67,9 @@ def resolve_run_dir(config_path: str, out: str | None, resolved: dict[str, Any])
             raise ConfigError("--out", f"{d} holds a different run ({diff}); choose another --out to keep both")
         return d, kind == "resume"
     stem = Path(config_path).stem
+    study = (resolved.get("provenance") or {}).get("study")
+    if study and not stem.startswith(str(study)):
+        stem = f"{study}-{stem}"  # runs/<study>-best, not one runs/best for every study's best.yaml
     for n in range(1, 10_000):
         d = Path("runs") / (stem if n == 1 else f"{stem}-{n}")
         kind, _ = state(d)
@@ -65,32 +84,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from raykd.config import dump_run_config, load_run_config
 
     cfg = load_run_config(args.config, args.set)
-    if cfg.scaling.use_gpu and not (args.address or os.environ.get("RAY_ADDRESS")):
-        import torch
+    from raykd.train.preflight import preflight
+    from raykd.train.teacher import prepare_teacher
 
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "scaling.use_gpu",
-                "true but this machine has no CUDA GPU; set it to false or join a GPU cluster with --address",
-            )
-    if cfg.scaling.resources_per_worker and not (args.address or os.environ.get("RAY_ADDRESS")):
-        raise ConfigError("scaling.resources_per_worker", "names resources of a cluster's nodes, which a local Ray "
-                          "does not have; join the cluster with --address or remove it")  # fmt: skip
-    from raykd.data import data_of
-
-    data_of(cfg)  # pre-flight: the data is on disk (ConfigError on data.root otherwise)
-    if cfg.train.compile and not (args.address or os.environ.get("RAY_ADDRESS")):  # workers run here: check now
-        import torch
-
-        from raykd.train.loop import compile_error, compile_unavailable
-
-        device = torch.device("cuda" if cfg.scaling.use_gpu else "cpu")
-        reason = compile_unavailable(device)
-        if reason is not None:
-            raise compile_error(device, reason)
-    from raykd.train.teacher import check_checkpoint_teacher, prepare_teacher
-
-    check_checkpoint_teacher(cfg)  # a teacher.checkpoint is read (weights-only) before anything is written
+    preflight(cfg, args.address)  # data, model, teacher checkpoint, GPU, compile: before Ray and before any file
     text = dump_run_config(cfg)
     run_dir, resuming = resolve_run_dir(args.config, args.out, yaml.safe_load(text))
     from raykd.train.runfolder import RunFolder
@@ -120,6 +117,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         flush=True,
     )
     again = f"{raykd_command()} train {args.config} --out {run_dir}"
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    print(f"  {'joining the Ray cluster at ' + address if address else 'starting a private local Ray'}; the first "
+          "progress line follows the first evaluation", flush=True)  # fmt: skip
     try:
         teacher_dir = prepare_teacher(cfg, run_dir.parent, args.address)
         result = run_training(cfg, run_dir, address=args.address, verbose=args.verbose, teacher_dir=teacher_dir)
@@ -189,7 +189,7 @@ def cmd_study_run(args: argparse.Namespace) -> int:
     cfg = parse_study_file(args.config, name=args.name, storage=args.storage)  # typos refused before torch and Ray load
     from raykd.tune import study
 
-    return study.run(cfg, study.check_study(cfg), address=args.address)
+    return study.run(cfg, study.check_study(cfg, address=args.address), address=args.address)
 
 
 def cmd_study_resume(args: argparse.Namespace) -> int:
@@ -208,7 +208,8 @@ def cmd_study_status(args: argparse.Namespace) -> int:
 def cmd_study_export(args: argparse.Namespace) -> int:
     from raykd.tune import study
 
-    for path in study.export(_study_folder(args.dir), Path(args.out), top_k=args.top_k):
+    paths = study.export(_study_folder(args.dir), Path(args.out), top_k=args.top_k, force=args.force)
+    for path in paths:
         print(f"wrote {path}  (re-run: {raykd_command()} train {path})")
     return 0
 
@@ -219,7 +220,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     abl = parse_ablation_file(args.config, storage=args.storage)  # typos refused before torch and Ray load
     from raykd.tune import ablation
 
-    ablation.check_ablation(abl)
+    ablation.check_ablation(abl, address=args.address)
     return ablation.run(abl, address=args.address)
 
 
@@ -240,16 +241,89 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _examples(*commands: str) -> str:
+    return "examples:\n" + "\n".join(f"  {c}" for c in commands)
+
+
+#: each subcommand's one-line help, its description and its examples (``raykd <command> --help``)
+COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "train": (
+        "one training run (Ray Train, DDP)",
+        "Train one run config with Ray Train (DDP over scaling.num_workers workers). An unfinished run in "
+        "the same folder is resumed from its latest checkpoint.",
+        ("raykd train run.yaml", "raykd train run.yaml --set train.lr=0.01 --out runs/lr01",
+         "raykd train runs/quickstart/best.yaml      # an exported best config -> runs/quickstart-best"),
+    ),
+    "study": (
+        "hyperparameter studies (Ray Tune + Optuna)",
+        "Hyperparameter studies: Ray Tune runs the trials, Optuna's TPE suggests them.",
+        ("raykd study run studies/quickstart.yaml", "raykd study status runs/quickstart",
+         "raykd study resume runs/quickstart", "raykd study export runs/quickstart --out best.yaml"),
+    ),
+    "study run": (
+        "start a study",
+        "Start a study. Every check runs before Ray starts; the study folder holds the trials, optuna.db, "
+        "study.md and best.yaml.",
+        ("raykd study run studies/quickstart.yaml",
+         "raykd study run study.yaml --address auto --storage /shared/raykd"),
+    ),
+    "study status": (
+        "table of trials, best marked (while it runs or after)",
+        "The trial table of a study folder, best marked; works while the study runs.",
+        ("raykd study status runs/quickstart",),
+    ),
+    "study resume": (
+        "finish an interrupted study; finished trials are kept",
+        "Finish an interrupted study from its folder: finished trials are kept, unfinished ones continue "
+        "from their latest checkpoint.",
+        ("raykd study resume runs/quickstart",),
+    ),
+    "study export": (
+        "write the best trial's complete run config",
+        "Write the best trial's complete run config, with its metrics and provenance, re-runnable with "
+        "raykd train.",
+        ("raykd study export runs/quickstart --out best.yaml",
+         "raykd study export runs/quickstart --out top.yaml --top-k 3"),
+    ),
+    "ablate": (
+        "grid over one or two knobs x seeds -> CSV (mean +- std) + PNG",
+        "Train every grid value x seed through Ray Tune; writes ablation.csv, a table and a plot per metric.",
+        ("raykd ablate studies/fixmatch_threshold_ablation.yaml",),
+    ),
+    "report": (
+        "tables and plots of a study or ablation folder",
+        "Write the tables and plots of a study or ablation folder again from its files.",
+        ("raykd report runs/quickstart",),
+    ),
+    "methods": (
+        "list methods, their knobs, defaults and search ranges",
+        "The registered methods, what each needs, its knobs and their search spaces.",
+        ("raykd methods", "raykd methods layermatch"),
+    ),
+}
+
+
+def _command(sub: Any, name: str, key: str, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    short, description, examples = COMMANDS[key]
+    return sub.add_parser(name, parents=parents, help=short, description=description, epilog=_examples(*examples))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="raykd", description="Semi-supervised knowledge distillation on Ray Train + Tune.")
+    import raykd
+
+    p = _Parser(prog="raykd", description="Semi-supervised knowledge distillation on Ray Train + Tune.",
+                epilog=_examples("raykd methods", "raykd train run.yaml", "raykd study run studies/quickstart.yaml",
+                                 "raykd study status runs/quickstart"))  # fmt: skip
+    p.add_argument("--version", action="version", version=f"raykd {raykd.__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--verbose", action="store_true", help="show Ray's own logs and full tracebacks")
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("--verbose", action="store_true", help="full tracebacks (and Ray's own logs)")
+    common = argparse.ArgumentParser(add_help=False, parents=[verbose])
     common.add_argument(
         "--address", help="Ray cluster to join: auto or HOST:PORT (default: $RAY_ADDRESS, else start a local Ray)"
     )
 
-    tr = sub.add_parser("train", parents=[common], help="one training run (Ray Train, DDP)")
+    tr = _command(sub, "train", "train", [common])
     tr.add_argument("config", help="run config YAML")
     tr.add_argument(
         "--set",
@@ -261,9 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", help="run folder (default runs/<config name>)")
     tr.set_defaults(func=cmd_train)
 
-    st = sub.add_parser("study", help="hyperparameter studies (Ray Tune + Optuna)")
+    st = _command(sub, "study", "study", [])
     st_sub = st.add_subparsers(dest="study_command", required=True, parser_class=_Parser)
-    sr = st_sub.add_parser("run", parents=[common], help="start a study")
+    sr = _command(st_sub, "run", "study run", [common])
     sr.add_argument("config", help="study YAML (name, base, search, tune)")
     sr.add_argument(
         "--storage",
@@ -272,39 +346,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sr.add_argument("--name", help="study name (default: the file's name field)")
     sr.set_defaults(func=cmd_study_run)
-    ss = st_sub.add_parser("status", help="table of trials, best marked (while it runs or after)")
+    ss = _command(st_sub, "status", "study status", [verbose])
     ss.add_argument("dir", help="study folder, e.g. runs/quickstart")
     ss.set_defaults(func=cmd_study_status)
-    su = st_sub.add_parser("resume", parents=[common], help="finish an interrupted study; finished trials are kept")
+    su = _command(st_sub, "resume", "study resume", [common])
     su.add_argument("dir", help="study folder")
     su.set_defaults(func=cmd_study_resume)
-    se = st_sub.add_parser("export", help="write the best trial's complete run config")
+    se = _command(st_sub, "export", "study export", [verbose])
     se.add_argument("dir", help="study folder")
     se.add_argument("--out", required=True, help="output YAML, e.g. best.yaml")
-    se.add_argument("--top-k", type=int, default=1, help="also write the next K-1 as <out>_top<N>.yaml")
+    se.add_argument("--top-k", type=_positive, default=1, help="also write the next K-1 as <out>_top<N>.yaml")
+    se.add_argument("--force", action="store_true", help="replace --out files that are not this study's exports")
     se.set_defaults(func=cmd_study_export)
 
-    ab = sub.add_parser(
-        "ablate", parents=[common], help="grid over one or two knobs x seeds -> CSV (mean +- std) + PNG"
-    )
+    ab = _command(sub, "ablate", "ablate", [common])
     ab.add_argument("config", help="ablation YAML (name, base, grid, seeds, metric)")
     ab.add_argument("--storage", help="parent folder of the ablation folder (default runs/)")
     ab.set_defaults(func=cmd_ablate)
 
-    rp = sub.add_parser("report", help="tables and plots of a study or ablation folder")
+    rp = _command(sub, "report", "report", [verbose])
     rp.add_argument("dir", help="study or ablation folder")
     rp.set_defaults(func=cmd_report)
 
-    me = sub.add_parser("methods", help="list methods, their knobs, defaults and search ranges")
+    me = _command(sub, "methods", "methods", [verbose])
     me.add_argument("name", nargs="?", help="one method in full: every knob's type, default, range, search and help")
     me.set_defaults(func=cmd_methods)
     return p
 
 
+def _subparser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command ``args`` came from, for its usage line."""
+    for name in ("command", "study_command"):
+        action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        chosen = getattr(args, name, None)
+        if action is None or chosen not in action.choices:
+            break
+        parser = action.choices[chosen]
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own reporter off: raykd prints its own table
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _subparser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ConfigError as e:

@@ -478,6 +478,9 @@ def _config_error(err: ValidationError, prefix: str = "", root: type[BaseModel] 
         return ConfigError(field, f"unknown key{hint}")
     if first["type"] == "missing":
         return ConfigError(field, "required but missing")
+    if first["type"] == "too_short":
+        n = first.get("ctx", {}).get("min_length", 1)
+        return ConfigError(field, f"is empty; give at least {n} entr{'y' if n == 1 else 'ies'}")
     msg = first["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
@@ -584,9 +587,36 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return set_dotted(raw, values)
 
 
+def file_kind(raw: dict[str, Any]) -> str:
+    """What a config file's top-level keys say it is: ``run``, ``study``, ``ablation`` or ``unknown``."""
+    if "base" in raw and "grid" in raw:
+        return "ablation"
+    if "base" in raw:
+        return "study"
+    if "method" in raw or "data" in raw or "train" in raw:
+        return "run"
+    return "unknown"
+
+
+#: the command that takes each kind of file
+COMMAND_OF = {"run": "raykd train", "study": "raykd study run", "ablation": "raykd ablate"}
+
+
+def expect_kind(raw: dict[str, Any], path: str | Path, kind: str) -> None:
+    """A study file given to ``raykd train`` (and the like) is named as such, with the right command."""
+    found = file_kind(raw)
+    if found not in (kind, "unknown"):
+        def a(word: str) -> str:
+            return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+        raise ConfigError(str(path), f"is {a(found)} config, not {a(kind)} config; use `{COMMAND_OF[found]} {path}`")
+
+
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a run config file."""
-    return parse_run_config(apply_overrides(read_yaml(path), overrides or []))
+    raw = read_yaml(path)
+    expect_kind(raw, path, "run")
+    return parse_run_config(apply_overrides(raw, overrides or []))
 
 
 def dump_run_config(cfg: RunConfig) -> str:

@@ -263,12 +263,13 @@ def test_study_trains_the_teacher_once_for_all_trials(tmp_path, ray_local, capsy
     assert rc == 0, out
     d = tmp_path / "runs" / "kdstudy"
     teachers = list((d / "teachers").glob("teacher-*/"))
-    assert len(teachers) == 1 and out.count("training the teacher first") == 1
+    assert len(teachers) == 1 and out.count("teacher: training it first") == 1
     steps = [json.loads(x)["step"] for x in (teachers[0] / "progress.jsonl").read_text().splitlines()]
     assert steps == [20]  # one training run of the teacher, not one per trial
+    assert "teacher: step 20/20" in out  # the teacher's progress lines say whose they are
     assert len(list(d.glob("trials/*/result.json"))) == 3
     assert main(["study", "resume", str(d)]) == 0  # resuming finds the cached teacher
-    assert "training the teacher first" not in capsys.readouterr().out
+    assert "teacher: training it first" not in capsys.readouterr().out
 
 
 @pytest.mark.ray

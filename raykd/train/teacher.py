@@ -108,10 +108,10 @@ def prepare_teacher(cfg: RunConfig, cache_root: Path, address: str | None = None
 
     def train(tcfg: RunConfig, folder: Path) -> None:
         t = tcfg.train
-        print(f"training the teacher first: {tcfg.method.name} on {tcfg.data.name} "
+        print(f"teacher: training it first: {tcfg.method.name} on {tcfg.data.name} "
               f"({tcfg.data.labels_per_class or 'all'} labels/class), {tcfg.model.name}, {t.steps} steps -> {folder}",
               flush=True)  # fmt: skip
-        run_training(tcfg, folder, address=address)
+        run_training(tcfg, folder, address=address, prefix="teacher: ")
 
     folder = ensure_teacher(cfg, cache_root, train)
     if folder is not None:

@@ -115,9 +115,10 @@ def format_progress(rec: dict[str, Any], steps: int) -> str:
 class _ProgressTail(threading.Thread):
     """Prints new lines of ``progress.jsonl`` while the trainer runs."""
 
-    def __init__(self, path: Path, steps: int, out=None):
+    def __init__(self, path: Path, steps: int, out=None, prefix: str = ""):
         super().__init__(daemon=True)
         self.path, self.steps, self.out = path, steps, out or sys.stdout  # resolved now, not at import
+        self.prefix = prefix
         self.pos = path.stat().st_size if path.exists() else 0
         self.stop = threading.Event()
 
@@ -135,7 +136,7 @@ class _ProgressTail(threading.Thread):
             except json.JSONDecodeError:
                 continue  # a line cut short by a crash; RunFolder.progress warns about it
             if isinstance(rec, dict):
-                print(format_progress(rec, self.steps), file=self.out, flush=True)
+                print(self.prefix + format_progress(rec, self.steps), file=self.out, flush=True)
 
     def run(self) -> None:
         while not self.stop.wait(0.5):
@@ -273,8 +274,10 @@ def run_training(
     out=None,
     stop_at: int | None = None,
     teacher_dir: Path | None = None,
+    prefix: str = "",
 ) -> dict[str, Any]:
     """Run ``cfg`` with a ``TorchTrainer`` sized by ``cfg.scaling``; return the last metrics.
+    ``prefix`` starts every progress line (``teacher: `` while a teacher trains).
 
     ``result.json`` exists only once the run reached ``train.steps`` (``stop_at`` interrupts it after
     that step's checkpoint, as a kill would; tests use it).
@@ -284,7 +287,7 @@ def run_training(
     s, t = cfg.scaling, cfg.train
     init_ray(s.num_workers * s.cpus_per_worker, address, verbose)
     trainer = build_trainer(cfg, run_dir, teacher_dir, stop_at=stop_at, controller_failure_limit=1)
-    tail = _ProgressTail(run_dir / PROGRESS_FILE, t.steps, out)
+    tail = _ProgressTail(run_dir / PROGRESS_FILE, t.steps, out, prefix)
     tail.start()
     started = time.time()
     try:

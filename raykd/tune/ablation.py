@@ -21,10 +21,10 @@ from typing import Any
 import yaml
 
 from raykd.config import read_yaml
-from raykd.data import data_of
 from raykd.errors import ConfigError
+from raykd.train.preflight import preflight
 from raykd.train.runfolder import first_difference
-from raykd.train.teacher import check_checkpoint_teacher, prepare_teacher
+from raykd.train.teacher import prepare_teacher
 from raykd.tune.config import AblationConfig, parse_ablation_file
 from raykd.tune.lock import StudyLock
 from raykd.tune.progress import NoTuneEvents, ProgressTable
@@ -59,7 +59,7 @@ def load_ablation(path: str | Path, storage: str | None = None) -> AblationConfi
     return abl
 
 
-def check_ablation(abl: AblationConfig) -> None:
+def check_ablation(abl: AblationConfig, address: str | None = None) -> None:
     """Grid keys exist, every value gives a valid run config, the metric is reported, data exists."""
     for key, values in abl.grid.items():
         check_key(abl.base, key, field=f"grid.{key}")
@@ -71,8 +71,7 @@ def check_ablation(abl: AblationConfig) -> None:
             except ConfigError as e:
                 raise ConfigError(f"grid.{key}", f"value {v!r} is invalid for {e.field}: {e.message}") from None
     check_metric(abl.base, abl.metric, field="metric")
-    data_of(abl.base)
-    check_checkpoint_teacher(abl.base)
+    preflight(abl.base, address, prefix="base.")
 
 
 def folder_of(abl: AblationConfig) -> Path:

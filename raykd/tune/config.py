@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from raykd.config import RunConfig, Strict, parse_config, read_yaml
+from raykd.config import RunConfig, Strict, expect_kind, parse_config, read_yaml
 from raykd.tune.storage import check_storage
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -76,6 +76,7 @@ def parse_study_file(path: str | Path, name: str | None = None, storage: str | N
     Ray, so a typo is refused at once.  The checks that need the data and models come after
     (``raykd.tune.study.check_study``)."""
     raw = read_yaml(path)
+    expect_kind(raw, path, "study")
     if name is not None:
         raw["name"] = name
     if storage is not None:
@@ -86,6 +87,7 @@ def parse_study_file(path: str | Path, name: str | None = None, storage: str | N
 def parse_ablation_file(path: str | Path, storage: str | None = None) -> AblationConfig:
     """Parse and type-check an ablation file (``--storage`` applied); no torch, no Ray."""
     raw = read_yaml(path)
+    expect_kind(raw, path, "ablation")
     if storage is not None:
         raw["storage"] = storage
     return parse_config(raw, AblationConfig)

@@ -29,10 +29,10 @@ import yaml
 
 import raykd
 from raykd.config import RunConfig, dump_run_config, parse_config, read_yaml
-from raykd.data import data_of
 from raykd.errors import ConfigError, raykd_command
+from raykd.train.preflight import preflight
 from raykd.train.runfolder import RunFolder
-from raykd.train.teacher import check_checkpoint_teacher, prepare_teacher
+from raykd.train.teacher import prepare_teacher
 from raykd.tune.config import StudyConfig, parse_study_file
 from raykd.tune.lock import StudyLock
 from raykd.tune.mirror import _WORKING_COPY, TrialMirror
@@ -56,15 +56,15 @@ def load_study(path: str | Path, name: str | None = None, storage: str | None = 
     return study, check_study(study)
 
 
-def check_study(study: StudyConfig) -> dict[str, Dist]:
-    """Every check that needs no cluster: search space, metric, leakage warning, data on disk."""
+def check_study(study: StudyConfig, address: str | None = None) -> dict[str, Dist]:
+    """Every check that needs no cluster: search space, metric, leakage warning, and the base run's
+    driver checks (data on disk, the model built, a teacher checkpoint read, GPU, compile)."""
     space = resolve_search(study)
     check_metric(study.base, study.tune.metric)
     if study.tune.metric.startswith("test_acc") or study.tune.metric == "best_test_acc":
         print(f"warning: selecting on {study.tune.metric} tunes on the test set; set base.data.val_per_class and "
               "tune.metric: val_acc for an unbiased test figure", file=sys.stderr)  # fmt: skip
-    data_of(study.base)
-    check_checkpoint_teacher(study.base)
+    preflight(study.base, address, prefix="base.")
     teacher = study.base.teacher
     if is_uri(study.tune.storage) and teacher is not None and teacher.run is not None:
         raise ConfigError("base.teacher.run", "with a cloud URI as storage, trials on other nodes cannot read a "
@@ -155,16 +155,38 @@ def _git_commit() -> str | None:
         return None
 
 
-def export(study_dir: Path, out: Path, top_k: int = 1) -> list[Path]:
+def _export_header(study: str) -> str:
+    return f"# exported by raykd from study {study}, "
+
+
+def export(study_dir: Path, out: Path, top_k: int = 1, force: bool = False) -> list[Path]:
     """Write the best trial's complete run config to ``out`` (and the next ``top_k - 1`` to
-    ``<out stem>_top<N>.yaml``), each with its metrics and provenance."""
+    ``<out stem>_top<N>.yaml``), each with its metrics and provenance.
+
+    Every target is checked before anything is written: a folder is refused, and so is an existing
+    file that is not an earlier export of this study (unless ``force``)."""
+    if top_k < 1:
+        raise ConfigError("--top-k", f"{top_k} exports nothing; use 1 or more")
     study = read_study(study_dir)
     t = study.tune
     ranked = rank_trials(collect_trials(study_dir, list(study.search), study.base.train.steps), t.metric, t.mode)
     if not ranked:
         raise ConfigError(str(study_dir), f"no trial has reported {t.metric} yet; nothing to export")
+    targets = [out if rank == 1 else out.with_name(f"{out.stem}_top{rank}{out.suffix}")
+               for rank in range(1, min(top_k, len(ranked)) + 1)]  # fmt: skip
+    for path in targets:
+        if path.is_dir():
+            raise ConfigError("--out", f"{path} is a folder; pass a file name, e.g. {path / 'best.yaml'}")
+        if path.exists() and not force:
+            try:
+                ours = path.read_text(encoding="utf-8", errors="replace").startswith(_export_header(study.name))
+            except OSError:
+                ours = False
+            if not ours:
+                raise ConfigError("--out", f"{path} exists and is not an export of study {study.name}; choose "
+                                  "another --out, or pass --force to replace it")  # fmt: skip
     paths = []
-    for rank, rec in enumerate(ranked[:top_k], start=1):
+    for rank, (rec, path) in enumerate(zip(ranked[: len(targets)], targets, strict=True), start=1):
         cfg = RunFolder(study_dir / TRIALS_DIR / rec["trial_id"]).config()
         m = rec["metrics"]
         cfg.provenance = {
@@ -175,9 +197,8 @@ def export(study_dir: Path, out: Path, top_k: int = 1) -> list[Path]:
             "params": rec["params"], "seed": cfg.train.seed, "raykd_version": raykd.__version__,
             "git_commit": _git_commit(), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }  # fmt: skip
-        path = out if rank == 1 else out.with_name(f"{out.stem}_top{rank}{out.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"# exported by raykd from study {study.name}, trial {rec['trial_id']} (rank {rank}); "
+        path.write_text(f"{_export_header(study.name)}trial {rec['trial_id']} (rank {rank}); "
                         f"re-run with: raykd train {path}\n" + dump_run_config(cfg))  # fmt: skip
         paths.append(path)
     return paths
@@ -374,7 +395,7 @@ def resume(study_dir: Path, address: str | None = None) -> int:
         raise ConfigError(str(study_dir), f"not a study folder (no {STUDY_FILE}); pass the folder `raykd study run` "
                           "created, e.g. runs/<name>")  # fmt: skip
     study = read_study(study_dir)
-    space = check_study(study)
+    space = check_study(study, address)
     remote = remote_dir_of(study)
     lock = StudyLock(study_dir)
     lock.check_free(f"study {study.name!r}")
