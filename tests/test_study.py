@@ -150,6 +150,11 @@ def test_study_runs_exports_and_the_export_reproduces(tmp_path, ray_local, capsy
     # the Optuna database holds the same three trials, all complete
     ot = optuna.load_study(study_name="tiny", storage=f"sqlite:///{d / 'optuna.db'}")
     assert [t.state.name for t in ot.trials] == ["COMPLETE"] * 3
+    assert ot.metric_names == ["val_acc"] and sorted(t.user_attrs["raykd_trial_id"] for t in ot.trials) == trials
+    # Ray's own reader opens the same trials without raykd's trainable (docs/studies.md)
+    from ray.tune import ExperimentAnalysis
+
+    assert sorted(t.trial_id for t in ExperimentAnalysis(str(d / "tune")).trials) == trials
     assert (d / "study.md").exists() and (d / "history.png").exists()
     # TensorBoard: each trial's events are keyed by the training step; Tune writes none of its own
     from raykd.train.events import read_scalars
