@@ -18,7 +18,7 @@ import torch
 from raykd.config import RunConfig
 from raykd.data import SSLData, data_of
 from raykd.errors import ConfigError
-from raykd.train.loop import build_student, compile_error, compile_unavailable
+from raykd.train import loop
 from raykd.train.teacher import check_checkpoint_teacher
 
 __all__ = ["check_address", "preflight", "warnings_of"]
@@ -69,9 +69,9 @@ def _preflight(cfg: RunConfig, address: str | None) -> SSLData:
     check_model(cfg, data)
     if cfg.train.compile and local:
         device = torch.device("cuda" if cfg.scaling.use_gpu else "cpu")
-        reason = compile_unavailable(device)
+        reason = loop.compile_unavailable(device)
         if reason is not None:
-            raise compile_error(device, reason)
+            raise loop.compile_error(device, reason)
     check_checkpoint_teacher(cfg)  # a teacher.checkpoint is read (weights-only)
     return data
 
@@ -81,7 +81,7 @@ def check_model(cfg: RunConfig, data: SSLData) -> None:
     (``model.width: -3``) is a ConfigError naming the model and its arguments."""
     try:
         with torch.device("meta"):
-            build_student(cfg, data)
+            loop.build_student(cfg, data)
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - the builder's own message, with the arguments that caused it
