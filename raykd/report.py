@@ -22,7 +22,9 @@ Files written by :func:`write_ablation_report` (into ``out_dir``):
 Files written by :func:`write_study_report`:
 
 - ``study_trials.csv`` (one row per trial, in record order) and ``study.md`` (best first, best trial
-  marked ``*``).
+  marked ``*``); the evaluated model's ``params``, ``macs`` and ``latency_ms`` where reported, and what
+  each trial cost (``wall_s``, ``device_s``, from a record's ``cost``) with the total (and the budget)
+  in a "What the study cost" section of ``study.md``.
 - ``metric_vs_<key>.png`` per search key (a logarithmic x axis for the keys searched on a log scale,
   ``loguniform`` / ``logint``), ``history.png`` (metric per trial with the running best), and
   ``importance.png`` (Optuna's fANOVA parameter importances) once at least
@@ -55,7 +57,7 @@ from typing import Any
 #: Metrics reported next to the chosen one when some record has them (in this column order).
 EXTRA_ABLATION_METRICS = ("test_acc_at_best_val", "best_val_acc", "val_acc", "mask_rate", "pseudo_acc")
 #: Extra columns of the study table when some record has them.
-EXTRA_STUDY_METRICS = ("test_acc", "val_acc", "test_acc_at_best_val")
+EXTRA_STUDY_METRICS = ("test_acc", "val_acc", "test_acc_at_best_val", "params", "macs", "latency_ms")
 BEST_ON_VAL = "test_acc_at_best_val"
 #: COMPLETE Optuna trials needed before parameter importances are computed and drawn (fewer: noise)
 MIN_IMPORTANCE_TRIALS = 10
@@ -492,6 +494,7 @@ def write_study_report(
     optuna_storage: str | None = None,
     study_name: str | None = None,
     log_keys: Collection[str] | None = None,
+    budget_hours: float | None = None,
 ) -> dict[str, Path]:
     """Write the study's trial table, per-knob scatter plots, history plot and (if possible) importances.
 
@@ -504,6 +507,7 @@ def write_study_report(
         study_name: the Optuna study's name in that storage.
         log_keys: the search keys sampled on a log scale (``loguniform``, ``logint``): their plots get
             a logarithmic x axis and the others a linear one; None = decide from the values.
+        budget_hours: the study's ``tune.budget_hours`` (named beside the spend), or None.
 
     Returns:
         Paths by key: ``"csv"``, ``"md"``, ``"history"``, ``"metric_vs_<key>"`` per search key and
@@ -513,16 +517,19 @@ def write_study_report(
     out.mkdir(parents=True, exist_ok=True)
     best = best_index(records, metric, mode)  # the same trial `study status` stars and `study export` writes
     extras = _present(records, (m for m in EXTRA_STUDY_METRICS if m != metric))
-    headers = ["trial_id", "state", *search_keys, "step", metric, *extras]
+    costed = any(r.get("cost") for r in records)
+    cost_cols = ["wall_s", "device_s"] if costed else []
+    headers = ["trial_id", "state", *search_keys, "step", metric, *extras, *cost_cols]
 
     def row(r: dict) -> list:
-        params, mets = r.get("params") or {}, _metrics(r)
+        params, mets, cost = r.get("params") or {}, _metrics(r), r.get("cost") or {}
         return [
             r.get("trial_id", ""),
             r.get("state", ""),
             *(params.get(k) for k in search_keys),
             _step(r),
             *(mets.get(m) for m in [metric, *extras]),
+            *(cost.get(c) for c in cost_cols),
         ]
 
     raw = [row(r) for r in records]
@@ -531,7 +538,8 @@ def write_study_report(
     def md_row(values: list) -> list[str]:
         n_fixed = 3 + len(search_keys)  # trial_id, state, knobs, step: short form; metrics: 4 decimals
         return [format_value(v) for v in values[:n_fixed]] + [
-            f"{v:.4f}" if _number(v) is not None else format_value(v) for v in values[n_fixed:]
+            f"{v:.4f}" if isinstance(v, float) and _number(v) is not None else format_value(v)
+            for v in values[n_fixed:]
         ]
 
     ranked = ranked_indices(records, metric, mode)
@@ -539,6 +547,8 @@ def write_study_report(
     md_rows = [["*" if i == best else "", *md_row(raw[i])] for i in order]
     text = f"# Study trials ({metric}, {mode})\n\n`*` = best trial. {metric_note(metric)}\n\n"
     text += markdown_table(["best", *headers], md_rows)
+    if costed:
+        text += cost_section(records, budget_hours)
 
     for key in search_keys:
         name = f"metric_vs_{key.replace('.', '_')}"
@@ -558,6 +568,22 @@ def write_study_report(
     paths["md"] = out / "study.md"
     paths["md"].write_text(text, encoding="utf-8")
     return paths
+
+
+def cost_section(records: Sequence[dict], budget_hours: float | None = None) -> str:
+    """The "What the study cost" section of ``study.md``: the total and one line per trial."""
+    costs = [(r.get("trial_id", ""), r["cost"]) for r in records if r.get("cost")]
+    kinds = sorted({str(c.get("device")) for _, c in costs}, reverse=True)
+    unit = "/".join(kinds) or "device"
+    total_s = sum(float(c["device_s"]) for _, c in costs)
+    text = (f"\n## What the study cost\n\n{total_s / 3600:.4g} {unit}-hours ({total_s:.0f} {unit}-seconds) over "
+            f"{len(costs)} trials, {sum(float(c['wall_s']) for _, c in costs):.0f} s of trial wall time")  # fmt: skip
+    if budget_hours is not None:
+        text += f"; budget {budget_hours:g} {unit}-hours ({100 * total_s / 3600 / budget_hours:.0f}% spent)"
+    text += (f". A trial's cost is its wall time × the {unit}s it holds (`{unit}-s`).\n\n")
+    rows = [[tid, f"{float(c['wall_s']):.1f}", format_value(c.get("held")), f"{float(c['device_s']):.1f}"]
+            for tid, c in costs]  # fmt: skip
+    return text + markdown_table(["trial_id", "wall_s", f"{unit}s held", f"{unit}-s"], rows)
 
 
 def _scatter_by_state(ax, points: list[tuple[float, float, str]]) -> None:

@@ -32,6 +32,9 @@ class TuneSettings(Strict):
         3, ge=0, description="restarts of a failed trial from its last checkpoint (a lost or preempted node)"
     )
     storage: str | None = Field(None, description="parent folder (or URI) of the study folder; default runs/")
+    budget_hours: float | None = Field(
+        None, gt=0, description="device-hours after which no new trial starts (running ones finish); null = none"
+    )
 
     @field_validator("storage")
     @classmethod

@@ -1,6 +1,6 @@
 """The Optuna side of a study: what ``optuna.db`` holds and how it stays true to the trial folders.
 
-:class:`RaykdOptunaSearch` is Ray Tune's ``OptunaSearch`` with four additions:
+:class:`RaykdOptunaSearch` is Ray Tune's ``OptunaSearch`` with five additions:
 
 * every Optuna trial carries user attributes linking it to raykd: ``raykd_trial_id`` (the trial
   folder under ``trials/``), and once it ends ``raykd_state`` (``done``, ``stopped``, ``failed``),
@@ -10,7 +10,9 @@
 * intermediate values use the **training step** and skip non-finite values (Optuna refuses NaN,
   which used to leave trials RUNNING forever); a non-finite final value is told as FAIL;
 * a trial that failed and is re-run to completion by ``raykd study resume`` is added again as a
-  COMPLETE trial (``rerun_of`` names the failed one), so Optuna agrees with the study folder.
+  COMPLETE trial (``rerun_of`` names the failed one), so Optuna agrees with the study folder;
+* with a budget (``tune.budget_hours``), it answers ``Searcher.FINISHED`` once the study's spend
+  (the trial folders' ``cost.json``, :mod:`raykd.tune.budget`) reaches it: no new trial starts.
 
 :func:`rebuild_optuna` writes a fresh ``optuna.db`` from the trial folders of a finished study.
 """
@@ -23,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from raykd.train.runfolder import RunFolder
-from raykd.tune.records import TRIALS_DIR
+from raykd.tune.records import TRIALS_DIR, study_spend
 from raykd.tune.space import Dist
 
 _ATTR_METRICS = ("step", "test_acc", "val_acc", "test_acc_at_best_val")
@@ -61,13 +64,17 @@ def distributions(space: dict[str, Dist]) -> dict[str, optuna.distributions.Base
 class RaykdOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that keeps ``optuna.db`` linked to and in agreement with the trial folders."""
 
-    def __init__(self, *args: Any, study_dir: Path, **kwargs: Any):
+    def __init__(self, *args: Any, study_dir: Path, budget_hours: float | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._study_dir = str(Path(study_dir).resolve())
+        self._budget_s = budget_hours * 3600.0 if budget_hours is not None else None
         if self._ot_study is not None:
             describe_study(self._ot_study, self._metric, self._mode)
 
-    def suggest(self, trial_id: str) -> dict | None:
+    def suggest(self, trial_id: str) -> dict | str | None:
+        budget_s = getattr(self, "_budget_s", None)  # None in a searcher pickled by an older raykd
+        if budget_s is not None and study_spend(Path(self._study_dir))["device_s"] >= budget_s:
+            return Searcher.FINISHED  # the budget is spent: Tune starts no new trial
         params = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None:

@@ -33,6 +33,7 @@ from raykd.errors import ConfigError, raykd_command
 from raykd.train.preflight import preflight
 from raykd.train.runfolder import RunFolder
 from raykd.train.teacher import prepare_teacher
+from raykd.tune.budget import CostMeter, budget_reached, held, spend_line
 from raykd.tune.config import StudyConfig, parse_study_file
 from raykd.tune.lock import StudyLock
 from raykd.tune.mirror import _WORKING_COPY, TrialMirror
@@ -112,14 +113,15 @@ def build_tuner(
     searcher = RaykdOptunaSearch(
         space=functools.partial(suggest, space=space), metric=t.metric, mode=t.mode, seed=t.seed,
         storage=optuna.storages.RDBStorage(f"sqlite:///{(study_dir / OPTUNA_DB).resolve()}"), study_name=study.name,
-        study_dir=study_dir,
+        study_dir=study_dir, budget_hours=t.budget_hours,
     )  # fmt: skip
     if t.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", metric=t.metric, mode=t.mode, max_t=num_evals(study.base),
                                   grace_period=t.grace_period, reduction_factor=t.reduction_factor)  # fmt: skip
     else:
         scheduler = FIFOScheduler()
-    callbacks: list = [ProgressTable(list(study.search), t.metric, t.mode, study.base.train.steps), NoTuneEvents()]
+    callbacks: list = [ProgressTable(list(study.search), t.metric, t.mode, study.base.train.steps), NoTuneEvents(),
+                       CostMeter(study_dir, study.base, list(study.search))]  # fmt: skip
     if remote is not None:
         callbacks.append(TrialMirror(study_dir, remote, study.base, list(study.search)))
     return tune.Tuner(
@@ -209,7 +211,7 @@ def status_text(study_dir: Path) -> str:
     t = study.tune
     records = collect_trials(study_dir, list(study.search), study.base.train.steps)
     rows = [{"trial_id": r["trial_id"], "state": r["state"], "params": r["params"], "step": r["metrics"].get("step"),
-             "metric": r["metrics"].get(t.metric)} for r in records]  # fmt: skip
+             "metric": r["metrics"].get(t.metric), "cost": r.get("cost")} for r in records]  # fmt: skip
     done = sum(r["state"] == "done" for r in records)
     holder = StudyLock(study_dir).holder()
     running = f"running ({holder})" if holder else "no driver running"
@@ -218,6 +220,9 @@ def status_text(study_dir: Path) -> str:
     if not rows:
         return head + "\n(no trial has started yet)"
     lines = [head, render_table(rows, list(study.search), t.metric, t.mode, study.base.train.steps)]
+    lines.append(spend_line(study_dir, t.budget_hours, held(study.base)[0]))
+    if (reached := budget_reached(study_dir, t.budget_hours)) is not None:
+        lines.append(f"{reached}: no new trial starts")
     lines += [f"{r['trial_id']} failed: {r['reason']}" for r in records if r.get("reason")]
     if any(r["state"] == "interrupted" for r in records):
         lines.append(f"interrupted trials continue from their latest checkpoint with: {raykd_command()} study resume "
@@ -245,7 +250,7 @@ def write_report(study_dir: Path, records: list[dict] | None = None) -> dict[str
         log_keys = None
     return write_study_report(records, list(study.search), t.metric, t.mode, study_dir,
                               optuna_storage=f"sqlite:///{db.resolve()}" if db.exists() else None,
-                              study_name=study.name, log_keys=log_keys)  # fmt: skip
+                              study_name=study.name, log_keys=log_keys, budget_hours=t.budget_hours)  # fmt: skip
 
 
 def _finish(study: StudyConfig, study_dir: Path, wall: float) -> int:
@@ -271,7 +276,11 @@ def _finish(study: StudyConfig, study_dir: Path, wall: float) -> int:
             print(f"  trial {r['trial_id']} failed: {r['reason']}")
         elif r["state"] == "error":
             print(f"  trial {r['trial_id']} crashed; its error is in {study_dir / TUNE_DIR / r['trial_id']}/error.txt")
-    unfinished = states["interrupted"] or len(records) < t.num_samples
+    print(spend_line(study_dir, t.budget_hours, held(study.base)[0]))
+    budget = budget_reached(study_dir, t.budget_hours) if len(records) < t.num_samples else None
+    if budget is not None:  # a study that stopped at its budget has done what it was asked: exit 0
+        print(f"{budget}; {len(records)} of {t.num_samples} trials started")
+    unfinished = states["interrupted"] or (len(records) < t.num_samples and budget is None)
     if unfinished:
         print(f"interrupted; resume with: {raykd_command()} study resume {study_dir}", file=sys.stderr)
         print(f"(nothing exported: {states['done']} of {t.num_samples} trials finished; `raykd study status "
