@@ -479,6 +479,42 @@ def rank_trials(records: Sequence[dict], metric: str, mode: str) -> list[dict]:
     return [records[i] for i in ranked_indices(records, metric, mode)]
 
 
+def pareto_indices(records: Sequence[dict], objectives: Sequence[tuple[str, str]]) -> list[int]:
+    """Indices of the Pareto set of a multi-objective study, in record order.
+
+    ``objectives`` are ``(metric, mode)`` pairs.  Candidates are the records that finished the full
+    budget (state ``done``) with a finite value of every objective.  A candidate is dominated when
+    another one is at least as good on every objective and strictly better on one; the Pareto set is
+    the candidates that nothing dominates.  Trials with equal values on every objective dominate
+    neither other: all of them are in the set when one is.
+    """
+    for _, mode in objectives:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    points: dict[int, tuple[float, ...]] = {}
+    for i, r in enumerate(records):
+        values = [_number(_metrics(r).get(m)) for m, _ in objectives]
+        if r.get("state") == "done" and all(v is not None for v in values):
+            points[i] = tuple(v if mode == "max" else -v for v, (_, mode) in zip(values, objectives, strict=True))
+
+    def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+        return all(x >= y for x, y in zip(a, b, strict=True)) and any(x > y for x, y in zip(a, b, strict=True))
+
+    return [i for i, p in points.items() if not any(dominates(q, p) for j, q in points.items() if j != i)]
+
+
+#: axis labels with units for the metrics of a Pareto plot
+UNITS = {"params": "parameters", "macs": "multiply-accumulates per image", "latency_ms": "ms per image (batch 1)",
+         "img_per_s": "images / s", "loss": "training loss"}  # fmt: skip
+
+
+def axis_label(metric: str, mode: str) -> str:
+    """``val_acc (fraction correct, higher is better)``: the metric, its unit and its direction."""
+    unit = UNITS.get(metric, "fraction correct" if metric.endswith("_acc") or "_acc_" in metric else "")
+    better = "higher" if mode == "max" else "lower"
+    return f"{metric} ({unit + ', ' if unit else ''}{better} is better)"
+
+
 def best_index(records: Sequence[dict], metric: str, mode: str) -> int | None:
     """Index of the best record by :func:`ranked_indices`, ``None`` if no record is selectable."""
     ranked = ranked_indices(records, metric, mode)
@@ -495,6 +531,7 @@ def write_study_report(
     study_name: str | None = None,
     log_keys: Collection[str] | None = None,
     budget_hours: float | None = None,
+    objectives: Sequence[tuple[str, str]] | None = None,
 ) -> dict[str, Path]:
     """Write the study's trial table, per-knob scatter plots, history plot and (if possible) importances.
 
@@ -508,6 +545,9 @@ def write_study_report(
         log_keys: the search keys sampled on a log scale (``loguniform``, ``logint``): their plots get
             a logarithmic x axis and the others a linear one; None = decide from the values.
         budget_hours: the study's ``tune.budget_hours`` (named beside the spend), or None.
+        objectives: ``(metric, mode)`` pairs of a multi-objective study: ``study.md`` gets its
+            Pareto set (:func:`pareto_indices`) and ``pareto.png`` is drawn (the first objective
+            against the second).
 
     Returns:
         Paths by key: ``"csv"``, ``"md"``, ``"history"``, ``"metric_vs_<key>"`` per search key and
@@ -549,6 +589,17 @@ def write_study_report(
     text += markdown_table(["best", *headers], md_rows)
     if costed:
         text += cost_section(records, budget_hours)
+    if objectives and len(objectives) >= 2:
+        front = pareto_indices(records, objectives)
+        names = [m for m, _ in objectives]
+        text += (f"\n## Pareto set ({', '.join(f'{m} {mo}' for m, mo in objectives)})\n\n{len(front)} finished "
+                 "trial(s) that no other finished trial matches or beats on every objective (`pareto.png`; "
+                 "`raykd study export DIR --pareto --out FOLDER` writes one config each):\n\n")  # fmt: skip
+        rows = [[records[i].get("trial_id", ""), *(format_value((records[i].get("params") or {}).get(k))
+                                                    for k in search_keys),
+                 *(format_value(_metrics(records[i]).get(m)) for m in names)] for i in front]  # fmt: skip
+        text += markdown_table(["trial_id", *search_keys, *names], rows)
+        paths["pareto"] = _plot_pareto(records, objectives, front, out / "pareto.png")
 
     for key in search_keys:
         name = f"metric_vs_{key.replace('.', '_')}"
@@ -584,6 +635,40 @@ def cost_section(records: Sequence[dict], budget_hours: float | None = None) -> 
     rows = [[tid, f"{float(c['wall_s']):.1f}", format_value(c.get("held")), f"{float(c['device_s']):.1f}"]
             for tid, c in costs]  # fmt: skip
     return text + markdown_table(["trial_id", "wall_s", f"{unit}s held", f"{unit}-s"], rows)
+
+
+def _plot_pareto(records: Sequence[dict], objectives: Sequence[tuple[str, str]], front: list[int],
+                 path: Path) -> Path:  # fmt: skip
+    """The first objective (y) against the second (x): the Pareto set highlighted and joined, the
+    dominated finished trials faded."""
+    plt = _pyplot()
+    (ym, ymode), (xm, xmode) = objectives[0], objectives[1]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    pts = {i: (_number(_metrics(r).get(xm)), _number(_metrics(r).get(ym))) for i, r in enumerate(records)
+           if r.get("state") == "done"}  # fmt: skip
+    pts = {i: p for i, p in pts.items() if None not in p}
+    dominated = [p for i, p in pts.items() if i not in front]
+    if dominated:
+        ax.scatter([p[0] for p in dominated], [p[1] for p in dominated], s=36, color="tab:gray", alpha=0.35,
+                   label=f"dominated ({len(dominated)})")  # fmt: skip
+    on_front = sorted(pts[i] for i in front)
+    if on_front:
+        ax.plot([p[0] for p in on_front], [p[1] for p in on_front], "-", color="tab:red", alpha=0.6, zorder=3)
+        ax.scatter([p[0] for p in on_front], [p[1] for p in on_front], s=70, color="tab:red", edgecolors="black",
+                   zorder=4, label=f"Pareto set ({len(on_front)})")  # fmt: skip
+        for i in front:
+            ax.annotate(str(records[i].get("trial_id", "")), pts[i], textcoords="offset points", xytext=(6, 4),
+                        fontsize="x-small", color="dimgray")  # fmt: skip
+    xs = [p[0] for p in pts.values()]
+    if xs and min(xs) > 0 and max(xs) / min(xs) >= 20:
+        ax.set_xscale("log")
+    ax.set_xlabel(axis_label(xm, xmode))
+    ax.set_ylabel(axis_label(ym, ymode))
+    ax.set_title(f"{ym} against {xm}: finished trials")
+    ax.grid(alpha=0.3)
+    if pts:
+        ax.legend(fontsize="small")
+    return _save(fig, path)
 
 
 def _scatter_by_state(ax, points: list[tuple[float, float, str]]) -> None:
