@@ -662,6 +662,7 @@ def _plot_pareto(records: Sequence[dict], objectives: Sequence[tuple[str, str]],
     xs = [p[0] for p in pts.values()]
     if xs and min(xs) > 0 and max(xs) / min(xs) >= 20:
         ax.set_xscale("log")
+    ax.margins(x=0.1, y=0.08)  # room for the trial ids beside the points
     ax.set_xlabel(axis_label(xm, xmode))
     ax.set_ylabel(axis_label(ym, ymode))
     ax.set_title(f"{ym} against {xm}: finished trials")
