@@ -208,7 +208,10 @@ def cmd_study_status(args: argparse.Namespace) -> int:
 def cmd_study_export(args: argparse.Namespace) -> int:
     from raykd.tune import study
 
-    paths = study.export(_study_folder(args.dir), Path(args.out), top_k=args.top_k, force=args.force)
+    if args.pareto:
+        paths = study.export_pareto(_study_folder(args.dir), Path(args.out), force=args.force)
+    else:
+        paths = study.export(_study_folder(args.dir), Path(args.out), top_k=args.top_k, force=args.force)
     for path in paths:
         print(f"wrote {path}  (re-run: {raykd_command()} train {path})")
     return 0
@@ -283,7 +286,8 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Write the best trial's complete run config, with its metrics and provenance, re-runnable with "
         "raykd train.",
         ("raykd study export runs/quickstart --out best.yaml",
-         "raykd study export runs/quickstart --out top.yaml --top-k 3"),
+         "raykd study export runs/quickstart --out top.yaml --top-k 3",
+         "raykd study export runs/kd_student_size_pareto --pareto --out pareto/"),
     ),
     "ablate": (
         "grid over one or two knobs x seeds -> CSV (mean +- std) + PNG",
@@ -357,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--out", required=True, help="output YAML, e.g. best.yaml")
     se.add_argument("--top-k", type=_positive, default=1, help="also write the next K-1 as <out>_top<N>.yaml")
     se.add_argument("--force", action="store_true", help="replace --out files that are not this study's exports")
+    se.add_argument("--pareto", action="store_true", help="a study with tune.objectives: one config per Pareto "
+                    "trial, as --out/<trial_id>.yaml (--out is a folder)")  # fmt: skip
     se.set_defaults(func=cmd_study_export)
 
     ab = _command(sub, "ablate", "ablate", [common])

@@ -22,7 +22,9 @@ Files written by :func:`write_ablation_report` (into ``out_dir``):
 Files written by :func:`write_study_report`:
 
 - ``study_trials.csv`` (one row per trial, in record order) and ``study.md`` (best first, best trial
-  marked ``*``).
+  marked ``*``); the evaluated model's ``params``, ``macs`` and ``latency_ms`` where reported, and what
+  each trial cost (``wall_s``, ``device_s``, from a record's ``cost``) with the total (and the budget)
+  in a "What the study cost" section of ``study.md``.
 - ``metric_vs_<key>.png`` per search key (a logarithmic x axis for the keys searched on a log scale,
   ``loguniform`` / ``logint``), ``history.png`` (metric per trial with the running best), and
   ``importance.png`` (Optuna's fANOVA parameter importances) once at least
@@ -55,7 +57,7 @@ from typing import Any
 #: Metrics reported next to the chosen one when some record has them (in this column order).
 EXTRA_ABLATION_METRICS = ("test_acc_at_best_val", "best_val_acc", "val_acc", "mask_rate", "pseudo_acc")
 #: Extra columns of the study table when some record has them.
-EXTRA_STUDY_METRICS = ("test_acc", "val_acc", "test_acc_at_best_val")
+EXTRA_STUDY_METRICS = ("test_acc", "val_acc", "test_acc_at_best_val", "params", "macs", "latency_ms")
 BEST_ON_VAL = "test_acc_at_best_val"
 #: COMPLETE Optuna trials needed before parameter importances are computed and drawn (fewer: noise)
 MIN_IMPORTANCE_TRIALS = 10
@@ -477,6 +479,42 @@ def rank_trials(records: Sequence[dict], metric: str, mode: str) -> list[dict]:
     return [records[i] for i in ranked_indices(records, metric, mode)]
 
 
+def pareto_indices(records: Sequence[dict], objectives: Sequence[tuple[str, str]]) -> list[int]:
+    """Indices of the Pareto set of a multi-objective study, in record order.
+
+    ``objectives`` are ``(metric, mode)`` pairs.  Candidates are the records that finished the full
+    budget (state ``done``) with a finite value of every objective.  A candidate is dominated when
+    another one is at least as good on every objective and strictly better on one; the Pareto set is
+    the candidates that nothing dominates.  Trials with equal values on every objective dominate
+    neither other: all of them are in the set when one is.
+    """
+    for _, mode in objectives:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    points: dict[int, tuple[float, ...]] = {}
+    for i, r in enumerate(records):
+        values = [_number(_metrics(r).get(m)) for m, _ in objectives]
+        if r.get("state") == "done" and all(v is not None for v in values):
+            points[i] = tuple(v if mode == "max" else -v for v, (_, mode) in zip(values, objectives, strict=True))
+
+    def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+        return all(x >= y for x, y in zip(a, b, strict=True)) and any(x > y for x, y in zip(a, b, strict=True))
+
+    return [i for i, p in points.items() if not any(dominates(q, p) for j, q in points.items() if j != i)]
+
+
+#: axis labels with units for the metrics of a Pareto plot
+UNITS = {"params": "parameters", "macs": "multiply-accumulates per image", "latency_ms": "ms per image (batch 1)",
+         "img_per_s": "images / s", "loss": "training loss"}  # fmt: skip
+
+
+def axis_label(metric: str, mode: str) -> str:
+    """``val_acc (fraction correct, higher is better)``: the metric, its unit and its direction."""
+    unit = UNITS.get(metric, "fraction correct" if metric.endswith("_acc") or "_acc_" in metric else "")
+    better = "higher" if mode == "max" else "lower"
+    return f"{metric} ({unit + ', ' if unit else ''}{better} is better)"
+
+
 def best_index(records: Sequence[dict], metric: str, mode: str) -> int | None:
     """Index of the best record by :func:`ranked_indices`, ``None`` if no record is selectable."""
     ranked = ranked_indices(records, metric, mode)
@@ -492,6 +530,8 @@ def write_study_report(
     optuna_storage: str | None = None,
     study_name: str | None = None,
     log_keys: Collection[str] | None = None,
+    budget_hours: float | None = None,
+    objectives: Sequence[tuple[str, str]] | None = None,
 ) -> dict[str, Path]:
     """Write the study's trial table, per-knob scatter plots, history plot and (if possible) importances.
 
@@ -504,6 +544,10 @@ def write_study_report(
         study_name: the Optuna study's name in that storage.
         log_keys: the search keys sampled on a log scale (``loguniform``, ``logint``): their plots get
             a logarithmic x axis and the others a linear one; None = decide from the values.
+        budget_hours: the study's ``tune.budget_hours`` (named beside the spend), or None.
+        objectives: ``(metric, mode)`` pairs of a multi-objective study: ``study.md`` gets its
+            Pareto set (:func:`pareto_indices`) and ``pareto.png`` is drawn (the first objective
+            against the second).
 
     Returns:
         Paths by key: ``"csv"``, ``"md"``, ``"history"``, ``"metric_vs_<key>"`` per search key and
@@ -513,16 +557,19 @@ def write_study_report(
     out.mkdir(parents=True, exist_ok=True)
     best = best_index(records, metric, mode)  # the same trial `study status` stars and `study export` writes
     extras = _present(records, (m for m in EXTRA_STUDY_METRICS if m != metric))
-    headers = ["trial_id", "state", *search_keys, "step", metric, *extras]
+    costed = any(r.get("cost") for r in records)
+    cost_cols = ["wall_s", "device_s"] if costed else []
+    headers = ["trial_id", "state", *search_keys, "step", metric, *extras, *cost_cols]
 
     def row(r: dict) -> list:
-        params, mets = r.get("params") or {}, _metrics(r)
+        params, mets, cost = r.get("params") or {}, _metrics(r), r.get("cost") or {}
         return [
             r.get("trial_id", ""),
             r.get("state", ""),
             *(params.get(k) for k in search_keys),
             _step(r),
             *(mets.get(m) for m in [metric, *extras]),
+            *(cost.get(c) for c in cost_cols),
         ]
 
     raw = [row(r) for r in records]
@@ -531,7 +578,8 @@ def write_study_report(
     def md_row(values: list) -> list[str]:
         n_fixed = 3 + len(search_keys)  # trial_id, state, knobs, step: short form; metrics: 4 decimals
         return [format_value(v) for v in values[:n_fixed]] + [
-            f"{v:.4f}" if _number(v) is not None else format_value(v) for v in values[n_fixed:]
+            f"{v:.4f}" if isinstance(v, float) and _number(v) is not None else format_value(v)
+            for v in values[n_fixed:]
         ]
 
     ranked = ranked_indices(records, metric, mode)
@@ -539,6 +587,19 @@ def write_study_report(
     md_rows = [["*" if i == best else "", *md_row(raw[i])] for i in order]
     text = f"# Study trials ({metric}, {mode})\n\n`*` = best trial. {metric_note(metric)}\n\n"
     text += markdown_table(["best", *headers], md_rows)
+    if costed:
+        text += cost_section(records, budget_hours)
+    if objectives and len(objectives) >= 2:
+        front = pareto_indices(records, objectives)
+        names = [m for m, _ in objectives]
+        text += (f"\n## Pareto set ({', '.join(f'{m} {mo}' for m, mo in objectives)})\n\n{len(front)} finished "
+                 "trial(s) that no other finished trial matches or beats on every objective (`pareto.png`; "
+                 "`raykd study export DIR --pareto --out FOLDER` writes one config each):\n\n")  # fmt: skip
+        rows = [[records[i].get("trial_id", ""), *(format_value((records[i].get("params") or {}).get(k))
+                                                    for k in search_keys),
+                 *(format_value(_metrics(records[i]).get(m)) for m in names)] for i in front]  # fmt: skip
+        text += markdown_table(["trial_id", *search_keys, *names], rows)
+        paths["pareto"] = _plot_pareto(records, objectives, front, out / "pareto.png")
 
     for key in search_keys:
         name = f"metric_vs_{key.replace('.', '_')}"
@@ -558,6 +619,57 @@ def write_study_report(
     paths["md"] = out / "study.md"
     paths["md"].write_text(text, encoding="utf-8")
     return paths
+
+
+def cost_section(records: Sequence[dict], budget_hours: float | None = None) -> str:
+    """The "What the study cost" section of ``study.md``: the total and one line per trial."""
+    costs = [(r.get("trial_id", ""), r["cost"]) for r in records if r.get("cost")]
+    kinds = sorted({str(c.get("device")) for _, c in costs}, reverse=True)
+    unit = "/".join(kinds) or "device"
+    total_s = sum(float(c["device_s"]) for _, c in costs)
+    text = (f"\n## What the study cost\n\n{total_s / 3600:.4g} {unit}-hours ({total_s:.0f} {unit}-seconds) over "
+            f"{len(costs)} trials, {sum(float(c['wall_s']) for _, c in costs):.0f} s of trial wall time")  # fmt: skip
+    if budget_hours is not None:
+        text += f"; budget {budget_hours:g} {unit}-hours ({100 * total_s / 3600 / budget_hours:.0f}% spent)"
+    text += (f". A trial's cost is its wall time × the {unit}s it holds (`{unit}-s`).\n\n")
+    rows = [[tid, f"{float(c['wall_s']):.1f}", format_value(c.get("held")), f"{float(c['device_s']):.1f}"]
+            for tid, c in costs]  # fmt: skip
+    return text + markdown_table(["trial_id", "wall_s", f"{unit}s held", f"{unit}-s"], rows)
+
+
+def _plot_pareto(records: Sequence[dict], objectives: Sequence[tuple[str, str]], front: list[int],
+                 path: Path) -> Path:  # fmt: skip
+    """The first objective (y) against the second (x): the Pareto set highlighted and joined, the
+    dominated finished trials faded."""
+    plt = _pyplot()
+    (ym, ymode), (xm, xmode) = objectives[0], objectives[1]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    pts = {i: (_number(_metrics(r).get(xm)), _number(_metrics(r).get(ym))) for i, r in enumerate(records)
+           if r.get("state") == "done"}  # fmt: skip
+    pts = {i: p for i, p in pts.items() if None not in p}
+    dominated = [p for i, p in pts.items() if i not in front]
+    if dominated:
+        ax.scatter([p[0] for p in dominated], [p[1] for p in dominated], s=36, color="tab:gray", alpha=0.35,
+                   label=f"dominated ({len(dominated)})")  # fmt: skip
+    on_front = sorted(pts[i] for i in front)
+    if on_front:
+        ax.plot([p[0] for p in on_front], [p[1] for p in on_front], "-", color="tab:red", alpha=0.6, zorder=3)
+        ax.scatter([p[0] for p in on_front], [p[1] for p in on_front], s=70, color="tab:red", edgecolors="black",
+                   zorder=4, label=f"Pareto set ({len(on_front)})")  # fmt: skip
+        for i in front:
+            ax.annotate(str(records[i].get("trial_id", "")), pts[i], textcoords="offset points", xytext=(6, 4),
+                        fontsize="x-small", color="dimgray")  # fmt: skip
+    xs = [p[0] for p in pts.values()]
+    if xs and min(xs) > 0 and max(xs) / min(xs) >= 20:
+        ax.set_xscale("log")
+    ax.margins(x=0.1, y=0.08)  # room for the trial ids beside the points
+    ax.set_xlabel(axis_label(xm, xmode))
+    ax.set_ylabel(axis_label(ym, ymode))
+    ax.set_title(f"{ym} against {xm}: finished trials")
+    ax.grid(alpha=0.3)
+    if pts:
+        ax.legend(fontsize="small")
+    return _save(fig, path)
 
 
 def _scatter_by_state(ax, points: list[tuple[float, float, str]]) -> None:

@@ -166,6 +166,13 @@ def test_study_runs_exports_and_the_export_reproduces(tmp_path, ray_local, capsy
 
     status = study_mod.status_text(d)
     assert status.count("done") == 3 and "*" in status
+    # what each trial cost (wall × the CPUs it holds) and what its model costs, in its result
+    for t in trials:
+        result = json.loads((d / "trials" / t / "result.json").read_text())
+        assert result["device"] == "CPU" and result["device_s"] == pytest.approx(result["wall_s"] * 1.0, abs=0.01)
+        assert result["wall_s"] > 0 and result["params"] > 0 and result["macs"] > 0 and result["latency_ms"] > 0
+    assert "spent " in status and "CPU-hours" in status and "CPU-s" in status
+    assert "## What the study cost" in (d / "study.md").read_text()
 
     best = yaml.safe_load((d / "best.yaml").read_text())
     prov = best["provenance"]
@@ -181,6 +188,34 @@ def test_study_runs_exports_and_the_export_reproduces(tmp_path, ray_local, capsy
     assert main(["study", "export", str(d), "--out", str(tmp_path / "b.yaml"), "--top-k", "2"]) == 0
     assert (tmp_path / "b.yaml").exists() and (tmp_path / "b_top2.yaml").exists()
     assert main(["study", "run", str(write(tmp_path, study_raw(name="tiny"))), "--storage", str(storage)]) == 2
+
+
+@pytest.mark.ray
+def test_a_study_stops_starting_trials_once_its_budget_is_spent(tmp_path, ray_local, capsys):
+    """tune.budget_hours: the first trial spends the (tiny) budget, no second one starts, the study
+    ends with exit 0 and says so; status shows the spend and resume starts nothing new."""
+    raw = study_raw(name="budget", num_samples=4, max_concurrent=1, budget_hours=1e-6)
+    raw["base"]["train"].update(steps=2, eval_every=2)
+    assert main(["study", "run", str(write(tmp_path, raw)), "--storage", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    d = tmp_path / "runs" / "budget"
+    started = list(d.glob("trials/*/config.yaml"))
+    assert 1 <= len(started) < 4 and (d / "best.yaml").exists()
+    assert "budget reached: " in out and f"of 1e-06 CPU-hours; {len(started)} of 4 trials started" in out
+    from raykd.tune import study as study_mod
+
+    status = study_mod.status_text(d)
+    assert "budget reached" in status and "spent " in status
+    assert main(["study", "resume", str(d)]) == 0  # the spend is read back from the trial folders
+    assert "budget reached" in capsys.readouterr().out
+    assert len(list(d.glob("trials/*/config.yaml"))) == len(started)
+
+
+def test_a_budget_must_be_positive():
+    for bad in (0, -1.0):
+        with pytest.raises(ConfigError, match="tune.budget_hours"):
+            parse_config(study_raw(budget_hours=bad), StudyConfig)
+    assert parse_config(study_raw(budget_hours=0.5), StudyConfig).tune.budget_hours == 0.5
 
 
 @pytest.mark.ray

@@ -38,6 +38,7 @@ from raykd.methods.base import Batch, Method
 from raykd.models import build_model
 from raykd.registry import METHODS
 from raykd.train.context import Session, StepContext
+from raykd.train.cost import model_cost
 from raykd.train.ema import ModelEMA
 from raykd.train.events import StepEvents
 from raykd.train.runfolder import STATE_FILE, RunFolder, warn
@@ -167,6 +168,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     start: int
     best: dict[str, float]
+    cost: dict[str, Any] | None = None  # the evaluated model's cost (raykd.train.cost), measured once
 
     @property
     def eval_model(self) -> nn.Module:
@@ -352,6 +354,17 @@ def evaluate_run(run: Run, metrics: dict[str, Any]) -> None:
     metrics["evaluated"] = "ema" if run.ema is not None else "raw"
 
 
+def measure_cost(run: Run) -> dict[str, Any]:
+    """Phase 4b, at this process's first evaluation: ``params``, ``macs`` and ``latency_ms`` of the
+    evaluated model through the method's ``predict`` on one test image (:mod:`raykd.train.cost`);
+    reported with every evaluation after it.  Reads the weights only: training is unchanged."""
+    if run.cost is None:
+        ctx = run.ctx
+        x = ctx.plain(ctx.data.test.images[:1].to(ctx.device))
+        run.cost = model_cost(run.eval_model, run.method.predict, x, ctx.autocast)
+    return run.cost
+
+
 def checkpoint_state(run: Run, step: int) -> dict[str, Any]:
     """Phase 5, at each evaluation (rank 0): everything :func:`restore` needs."""
     return {
@@ -391,6 +404,9 @@ def train_loop(
     watched: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Train one run on this worker; returns the last reported metrics.
+
+    The returned metrics are the last evaluation's; the record written to ``progress.jsonl`` and
+    ``result.json`` and reported to Ray adds the evaluated model's cost (:data:`raykd.train.cost.COST_METRICS`).
 
     Args:
         cfg: the resolved run config.
@@ -460,26 +476,27 @@ def train_loop(
             "world_size": world,
         }
         evaluate_run(run, metrics)
+        record = {**metrics, **measure_cost(run)}  # what is written and reported
         reason = divergence(metrics, t.divergence_loss, watched)  # all-reduced values: every rank agrees
         if reason is not None:
-            metrics["diverged"] = reason
+            metrics["diverged"] = record["diverged"] = reason
             if rank == 0:
-                folder.append_progress(metrics)  # the evaluation that diverged, for the record (not reported)
+                folder.append_progress(record)  # the evaluation that diverged, for the record (not reported)
                 if events is not None:
                     events.write(metrics)
-                folder.write_failure({"reason": reason, "step": done, "metrics": metrics})
+                folder.write_failure({"reason": reason, "step": done, "metrics": record})
             break
         with tempfile.TemporaryDirectory() as tmp:
             ckpt_dir = None
             if rank == 0:
                 torch.save(checkpoint_state(run, done), Path(tmp) / STATE_FILE)
                 ckpt_dir = Path(tmp)
-                folder.append_progress(metrics)
+                folder.append_progress(record)
                 if events is not None:
                     events.write(metrics)
                 if done == t.steps:  # before the report: a scheduler may end the run at its last report
-                    folder.write_result(metrics)
-            session.report(metrics, ckpt_dir)
+                    folder.write_result(record)
+            session.report(record, ckpt_dir)
         t_window, steps_window = time.perf_counter(), 0
         if done == stop_at:
             break

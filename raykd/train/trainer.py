@@ -96,6 +96,7 @@ def _worker_fn(config: dict[str, Any]) -> None:
 SHORT_NAMES = {"mask_rate": "mask"}
 _LOOP_KEYS = {"step", "epoch", "lr", "img_per_s", "global_batch", "global_ubatch", "world_size", "time",
               "best_test_acc", "best_val_acc", "test_acc_at_best_val", "val_acc", "test_acc"}  # fmt: skip
+_LOOP_KEYS |= {"params", "macs", "latency_ms"}  # the model's cost (raykd.train.cost): in result.json, not each line
 
 
 def format_progress(rec: dict[str, Any], steps: int) -> str:

@@ -9,12 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from raykd.config import RunConfig, Strict, expect_kind, parse_config, read_yaml
 from raykd.tune.storage import check_storage
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class Objective(Strict):
+    """One objective of a multi-objective study (``tune.objectives``)."""
+
+    metric: str
+    mode: Literal["max", "min"] = "max"
 
 
 class TuneSettings(Strict):
@@ -32,6 +39,30 @@ class TuneSettings(Strict):
         3, ge=0, description="restarts of a failed trial from its last checkpoint (a lost or preempted node)"
     )
     storage: str | None = Field(None, description="parent folder (or URI) of the study folder; default runs/")
+    budget_hours: float | None = Field(
+        None, gt=0, description="device-hours after which no new trial starts (running ones finish); null = none"
+    )
+    objectives: list[Objective] | None = Field(
+        None, min_length=2, description="several metrics at once (Optuna's multi-objective TPE, a Pareto set); "
+        "the first one is also tune.metric / tune.mode"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _first_objective_is_the_metric(cls, data: Any) -> Any:
+        objectives = data.get("objectives") if isinstance(data, dict) else None
+        if isinstance(objectives, list) and objectives and isinstance(objectives[0], dict):
+            data = {**data, "metric": objectives[0].get("metric"), "mode": objectives[0].get("mode", "max")}
+        return data
+
+    @property
+    def metrics(self) -> list[str]:
+        """The objectives' metrics (``[metric]`` for a single-objective study)."""
+        return [o.metric for o in self.objectives] if self.objectives else [self.metric]
+
+    @property
+    def modes(self) -> list[str]:
+        return [o.mode for o in self.objectives] if self.objectives else [self.mode]
 
     @field_validator("storage")
     @classmethod

@@ -42,19 +42,23 @@ def _finite(v: Any) -> bool:
 
 def render_table(rows: list[dict[str, Any]], keys: list[str], metric: str, mode: str, steps: int) -> str:
     """A compact table: trial, state, the searched knobs (short names), step, metric; the best trial
-    (by :func:`raykd.report.rank_trials`, the ranking export uses) marked ``*``."""
+    (by :func:`raykd.report.rank_trials`, the ranking export uses) marked ``*``; a ``cost`` column
+    (device-seconds so far, with the kind) when some row carries a ``cost`` record."""
     names = short_names(keys)
     scored = [r for r in rows if _finite(r.get("metric"))]
     as_records = [{"state": r["state"].lower(), "metrics": {metric: r.get("metric")}} for r in rows]
     ranked = ranked_indices(as_records, metric, mode)
     best = rows[ranked[0]] if ranked else None
-    header = ["", "trial", "state", *names.values(), "step", metric]
+    costed = any(r.get("cost") for r in rows)
+    header = ["", "trial", "state", *names.values(), "step", metric, *(["cost"] if costed else [])]
     body = []
     for r in rows:
-        step = r.get("step")
+        step, cost = r.get("step"), r.get("cost")
         body.append(["*" if r is best else "", r["trial_id"], r["state"], *(_fmt(r["params"].get(k, "")) for k in keys),
                      f"{step}/{steps}" if step is not None else "-",
                      f"{r['metric']:.4f}" if r in scored else "-"])  # fmt: skip
+        if costed:
+            body[-1].append(f"{cost['device_s']:.4g} {cost.get('device', '')}-s" if cost else "-")
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip() for line in [header, *body]]
     return "\n".join(lines)

@@ -7,7 +7,8 @@ A study named N lands in ``<storage>/N/``::
     tune/                 the Ray Tune experiment (tuner.pkl, experiment state, per-trial Tune logs
                           with TensorBoard event files, inline trials' checkpoints)
     trials/<trial_id>/    one run folder per trial (raykd.train.runfolder): config.yaml,
-                          progress.jsonl, result.json
+                          progress.jsonl, result.json; cost.json (what the trial has cost so far:
+                          wall seconds and device-seconds, kept by the driver, raykd.tune.budget)
     best.yaml             the best trial's complete run config (+ metrics and provenance)
     study.md, study_trials.csv, *.png   tables and plots (``raykd report``)
 
@@ -31,9 +32,11 @@ TRIALS_DIR = "trials"
 OPTUNA_DB = "optuna.db"
 #: trial id -> Tune status, kept by the cloud-storage mirror (the Tune experiment state is in the bucket)
 MIRRORED_STATES = "trial_states.json"
+#: a trial's wall time and device-seconds so far (written by the driver's :class:`raykd.tune.budget.CostMeter`)
+COST_FILE = "cost.json"
 
-__all__ = ["MIRRORED_STATES", "OPTUNA_DB", "STUDY_FILE", "TRIALS_DIR", "TUNE_DIR", "best_trial",
-           "collect_trials", "rank_trials"]  # fmt: skip
+__all__ = ["COST_FILE", "MIRRORED_STATES", "OPTUNA_DB", "STUDY_FILE", "TRIALS_DIR", "TUNE_DIR", "best_trial",
+           "collect_trials", "rank_trials", "study_spend", "trial_cost"]  # fmt: skip
 
 
 def _dotted(raw: dict[str, Any], key: str) -> Any:
@@ -41,6 +44,27 @@ def _dotted(raw: dict[str, Any], key: str) -> Any:
     for part in key.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     return node
+
+
+def trial_cost(trial_dir: Path) -> dict[str, Any] | None:
+    """A trial's ``cost.json`` (``wall_s``, ``device``, ``held``, ``device_s``), or None when it has
+    none yet or it cannot be read."""
+    try:
+        cost = json.loads((Path(trial_dir) / COST_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    ok = isinstance(cost, dict) and all(isinstance(cost.get(k), int | float) for k in ("wall_s", "device_s"))
+    return cost if ok else None
+
+
+def study_spend(study_dir: Path) -> dict[str, Any]:
+    """What a study's trials have cost so far, from their ``cost.json``: ``wall_s`` and ``device_s``
+    summed, ``device`` (``"GPU"`` or ``"CPU"``, the kind the trials hold; ``"GPU/CPU"`` if mixed, None
+    before any) and ``trials`` (how many have a cost)."""
+    costs = [c for p in sorted((Path(study_dir) / TRIALS_DIR).glob(f"*/{COST_FILE}")) if (c := trial_cost(p.parent))]
+    kinds = sorted({str(c.get("device")) for c in costs}, reverse=True)
+    return {"wall_s": sum(c["wall_s"] for c in costs), "device_s": sum(c["device_s"] for c in costs),
+            "device": "/".join(kinds) or None, "trials": len(costs)}  # fmt: skip
 
 
 def _tune_states(study_dir: Path) -> dict[str, str]:
@@ -76,6 +100,7 @@ def collect_trials(
     """Trial records (trial_id, state, params, metrics, history) from the trial folders, in the order
     the trials started (their config.yaml's time, then their id).
 
+    ``cost`` is the trial's ``cost.json`` (:func:`trial_cost`), or None.
     state: ``done`` (reached train.steps), ``stopped`` (ended early by the scheduler), ``running``,
     ``failed`` (diverged: its ``reason`` is in the record), ``error`` (crashed), or ``interrupted``
     (the driver died or was stopped while it ran; ``raykd study resume`` continues it).
@@ -107,7 +132,7 @@ def collect_trials(
             metrics = history[-1] if history else {}
             state = {**live, "ERROR": "error", "TERMINATED": "stopped"}.get(tune_state, "interrupted")
         records.append({"trial_id": run.path.name, "state": state, "params": {k: _dotted(cfg, k) for k in keys},
-                        "metrics": metrics, "history": history})  # fmt: skip
+                        "metrics": metrics, "history": history, "cost": trial_cost(run.path)})  # fmt: skip
         if failure is not None:
             records[-1]["reason"] = f"diverged at step {failure.get('step')}: {failure.get('reason')}"
     return records

@@ -1,6 +1,6 @@
 """The Optuna side of a study: what ``optuna.db`` holds and how it stays true to the trial folders.
 
-:class:`RaykdOptunaSearch` is Ray Tune's ``OptunaSearch`` with four additions:
+:class:`RaykdOptunaSearch` is Ray Tune's ``OptunaSearch`` with five additions:
 
 * every Optuna trial carries user attributes linking it to raykd: ``raykd_trial_id`` (the trial
   folder under ``trials/``), and once it ends ``raykd_state`` (``done``, ``stopped``, ``failed``),
@@ -10,7 +10,12 @@
 * intermediate values use the **training step** and skip non-finite values (Optuna refuses NaN,
   which used to leave trials RUNNING forever); a non-finite final value is told as FAIL;
 * a trial that failed and is re-run to completion by ``raykd study resume`` is added again as a
-  COMPLETE trial (``rerun_of`` names the failed one), so Optuna agrees with the study folder.
+  COMPLETE trial (``rerun_of`` names the failed one), so Optuna agrees with the study folder;
+* several objectives (``tune.objectives``): ``metric`` and ``mode`` are lists, Optuna's TPE
+  samples for all of them, the study's metric names are all of them, and no intermediate values
+  are reported (Optuna keeps none for a multi-objective study);
+* with a budget (``tune.budget_hours``), it answers ``Searcher.FINISHED`` once the study's spend
+  (the trial folders' ``cost.json``, :mod:`raykd.tune.budget`) reaches it: no new trial starts.
 
 :func:`rebuild_optuna` writes a fresh ``optuna.db`` from the trial folders of a finished study.
 """
@@ -23,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from raykd.train.runfolder import RunFolder
-from raykd.tune.records import TRIALS_DIR
+from raykd.tune.records import TRIALS_DIR, study_spend
 from raykd.tune.space import Dist
 
 _ATTR_METRICS = ("step", "test_acc", "val_acc", "test_acc_at_best_val")
@@ -36,11 +42,11 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def describe_study(ot_study: optuna.Study, metric: str, mode: str) -> None:
-    """Name the objective and record how the study selects."""
+def describe_study(ot_study: optuna.Study, metric: str | list[str], mode: str | list[str]) -> None:
+    """Name the objective(s) and record how the study selects."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        ot_study.set_metric_names([metric])
+        ot_study.set_metric_names(list(metric) if isinstance(metric, list) else [metric])
     ot_study.set_user_attr("raykd_metric", metric)
     ot_study.set_user_attr("raykd_mode", mode)
 
@@ -61,20 +67,30 @@ def distributions(space: dict[str, Dist]) -> dict[str, optuna.distributions.Base
 class RaykdOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that keeps ``optuna.db`` linked to and in agreement with the trial folders."""
 
-    def __init__(self, *args: Any, study_dir: Path, **kwargs: Any):
+    def __init__(self, *args: Any, study_dir: Path, budget_hours: float | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._study_dir = str(Path(study_dir).resolve())
+        self._budget_s = budget_hours * 3600.0 if budget_hours is not None else None
         if self._ot_study is not None:
             describe_study(self._ot_study, self._metric, self._mode)
 
-    def suggest(self, trial_id: str) -> dict | None:
+    def suggest(self, trial_id: str) -> dict | str | None:
+        budget_s = getattr(self, "_budget_s", None)  # None in a searcher pickled by an older raykd
+        if budget_s is not None and study_spend(Path(self._study_dir))["device_s"] >= budget_s:
+            return Searcher.FINISHED  # the budget is spent: Tune starts no new trial
         params = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None:
             ot_trial.set_user_attr("raykd_trial_id", trial_id)
         return params
 
+    def _values(self, result: dict | None) -> list[Any]:
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        return [result.get(m) for m in metrics] if result else [None] * len(metrics)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, list):
+            return  # a multi-objective Optuna study keeps no intermediate values
         value, step = result.get(self.metric), result.get("step", result.get("training_iteration"))
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None or trial_id in self._completed_trials or not _finite(value) or not isinstance(step, int):
@@ -100,22 +116,22 @@ class RaykdOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None:
             return
-        if result is not None and not _finite(result.get(self.metric)):
+        if result is not None and not all(_finite(v) for v in self._values(result)):
             result, error = None, True  # Optuna refuses NaN; a non-finite value is a failed trial
         attrs = self._attributes(trial_id, result, error)
         if trial_id in self._completed_trials:  # re-run by `study resume` after it failed
             if not error and result is not None:
-                self._add_rerun(ot_trial, trial_id, float(result[self.metric]), attrs)
+                self._add_rerun(ot_trial, trial_id, [float(v) for v in self._values(result)], attrs)
             return
         for key, value in attrs.items():
             ot_trial.set_user_attr(key, value)
         super().on_trial_complete(trial_id, result=result, error=error)
 
-    def _add_rerun(self, old: optuna.Trial, trial_id: str, value: float, attrs: dict[str, Any]) -> None:
+    def _add_rerun(self, old: optuna.Trial, trial_id: str, values: list[float], attrs: dict[str, Any]) -> None:
         frozen = next((t for t in self._ot_study.get_trials(deepcopy=False) if t.number == old.number), None)
         if frozen is None or frozen.state == optuna.trial.TrialState.COMPLETE:
             return
-        trial = optuna.trial.create_trial(params=frozen.params, distributions=frozen.distributions, value=value,
+        trial = optuna.trial.create_trial(params=frozen.params, distributions=frozen.distributions, values=values,
                                           user_attrs={**attrs, "raykd_trial_id": trial_id,
                                                       "rerun_of": frozen.number})  # fmt: skip
         self._ot_study.add_trial(trial)

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from raykd.config import DISTRIBUTIONS, RunConfig, TrainConfig, parse_run_config, search_range, set_dotted
 from raykd.errors import ConfigError
 from raykd.registry import MODELS
+from raykd.train.cost import COST_METRICS
 from raykd.train.loop import LOOP_METRICS, VAL_METRICS
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ def resolve_search(study: StudyConfig) -> dict[str, Dist]:
 def reported_metrics(base: RunConfig) -> set[str]:
     """Every metric a run of ``base`` reports at each evaluation."""
     facts = type(base.method)  # the method's static facts (its Config)
-    metrics = set(LOOP_METRICS) | set(facts.logs(base)) | set(facts.eval_metrics(base))
+    metrics = set(LOOP_METRICS) | set(COST_METRICS) | set(facts.logs(base)) | set(facts.eval_metrics(base))
     if base.data.val_per_class > 0:
         metrics |= set(VAL_METRICS)
     return metrics

@@ -33,6 +33,7 @@ from raykd.errors import ConfigError, raykd_command
 from raykd.train.preflight import preflight
 from raykd.train.runfolder import RunFolder
 from raykd.train.teacher import prepare_teacher
+from raykd.tune.budget import CostMeter, budget_reached, held, spend_line
 from raykd.tune.config import StudyConfig, parse_study_file
 from raykd.tune.lock import StudyLock
 from raykd.tune.mirror import _WORKING_COPY, TrialMirror
@@ -43,7 +44,8 @@ from raykd.tune.space import Dist, check_metric, log_scaled, resolve_search, sug
 from raykd.tune.storage import check_shared, is_uri, join, upload, uri_exists
 from raykd.tune.trial import make_trainable, trial_dirname
 
-__all__ = ["build_tuner", "check_study", "export", "load_study", "resume", "run", "status_text", "write_report"]
+__all__ = ["build_tuner", "check_study", "export", "export_pareto", "load_study", "resume", "run", "status_text",
+           "write_report"]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,6 +63,11 @@ def check_study(study: StudyConfig, address: str | None = None) -> dict[str, Dis
     driver checks (data on disk, the model built, a teacher checkpoint read, GPU, compile)."""
     space = resolve_search(study)
     check_metric(study.base, study.tune.metric)
+    for i, objective in enumerate(study.tune.objectives or []):
+        check_metric(study.base, objective.metric, field=f"tune.objectives.{i}.metric")
+    if study.tune.objectives and study.tune.scheduler == "asha":
+        raise ConfigError("tune.scheduler", "ASHA stops trials on one metric and cannot weigh several objectives; "
+                          "set tune.scheduler: none for a study with tune.objectives")  # fmt: skip
     if study.tune.metric.startswith("test_acc") or study.tune.metric == "best_test_acc":
         print(f"warning: selecting on {study.tune.metric} tunes on the test set; set base.data.val_per_class and "
               "tune.metric: val_acc for an unbiased test figure", file=sys.stderr)  # fmt: skip
@@ -110,16 +117,18 @@ def build_tuner(
 
     t = study.tune
     searcher = RaykdOptunaSearch(
-        space=functools.partial(suggest, space=space), metric=t.metric, mode=t.mode, seed=t.seed,
+        space=functools.partial(suggest, space=space), seed=t.seed,
+        metric=t.metrics if t.objectives else t.metric, mode=t.modes if t.objectives else t.mode,
         storage=optuna.storages.RDBStorage(f"sqlite:///{(study_dir / OPTUNA_DB).resolve()}"), study_name=study.name,
-        study_dir=study_dir,
+        study_dir=study_dir, budget_hours=t.budget_hours,
     )  # fmt: skip
     if t.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", metric=t.metric, mode=t.mode, max_t=num_evals(study.base),
                                   grace_period=t.grace_period, reduction_factor=t.reduction_factor)  # fmt: skip
     else:
         scheduler = FIFOScheduler()
-    callbacks: list = [ProgressTable(list(study.search), t.metric, t.mode, study.base.train.steps), NoTuneEvents()]
+    callbacks: list = [ProgressTable(list(study.search), t.metric, t.mode, study.base.train.steps), NoTuneEvents(),
+                       CostMeter(study_dir, study.base, list(study.search))]  # fmt: skip
     if remote is not None:
         callbacks.append(TrialMirror(study_dir, remote, study.base, list(study.search)))
     return tune.Tuner(
@@ -204,12 +213,54 @@ def export(study_dir: Path, out: Path, top_k: int = 1, force: bool = False) -> l
     return paths
 
 
+def export_pareto(study_dir: Path, out: Path, force: bool = False) -> list[Path]:
+    """``raykd study export DIR --pareto --out FOLDER``: one complete run config per trial of a
+    multi-objective study's Pareto set, as ``FOLDER/<trial_id>.yaml`` with its objectives' values
+    and provenance.  Every target is checked first, as :func:`export` does."""
+    from raykd.report import pareto_indices
+
+    study = read_study(study_dir)
+    objectives = _objectives(study)
+    if objectives is None:
+        raise ConfigError("--pareto", f"study {study.name} has one objective ({study.tune.metric}); --pareto needs "
+                          "tune.objectives. Use --top-k for the best trials")  # fmt: skip
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", f"{out} is a file; with --pareto, --out is a folder (one YAML per trial)")
+    records = collect_trials(study_dir, list(study.search), study.base.train.steps)
+    front = [records[i] for i in pareto_indices(records, objectives)]
+    if not front:
+        raise ConfigError(str(study_dir), "no finished trial reports every objective yet; nothing to export")
+    targets = [out / f"{rec['trial_id']}.yaml" for rec in front]
+    for path in targets:
+        if path.exists() and not force and not path.read_text(encoding="utf-8", errors="replace").startswith(
+                _export_header(study.name)):  # fmt: skip
+            raise ConfigError("--out", f"{path} exists and is not an export of study {study.name}; choose "
+                              "another --out, or pass --force to replace it")  # fmt: skip
+    names = [m for m, _ in objectives]
+    for rec, path in zip(front, targets, strict=True):
+        cfg = RunFolder(study_dir / TRIALS_DIR / rec["trial_id"]).config()
+        m = rec["metrics"]
+        cfg.provenance = {
+            "study": study.name, "study_dir": str(study_dir.resolve()), "trial_id": rec["trial_id"],
+            "pareto": True, "objectives": [{"metric": k, "mode": mode} for k, mode in objectives],
+            "metrics": {k: m[k] for k in ("step", *names, "val_acc", "test_acc", "test_acc_at_best_val", "params",
+                                          "macs", "latency_ms") if k in m},
+            "params": rec["params"], "seed": cfg.train.seed, "raykd_version": raykd.__version__,
+            "git_commit": _git_commit(), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        values = ", ".join(f"{k} {_fmt(m[k])}" for k in names)
+        path.write_text(f"{_export_header(study.name)}trial {rec['trial_id']} (Pareto set: {values}); "
+                        f"re-run with: raykd train {path}\n" + dump_run_config(cfg))  # fmt: skip
+    return targets
+
+
 def status_text(study_dir: Path) -> str:
     study = read_study(study_dir)
     t = study.tune
     records = collect_trials(study_dir, list(study.search), study.base.train.steps)
     rows = [{"trial_id": r["trial_id"], "state": r["state"], "params": r["params"], "step": r["metrics"].get("step"),
-             "metric": r["metrics"].get(t.metric)} for r in records]  # fmt: skip
+             "metric": r["metrics"].get(t.metric), "cost": r.get("cost")} for r in records]  # fmt: skip
     done = sum(r["state"] == "done" for r in records)
     holder = StudyLock(study_dir).holder()
     running = f"running ({holder})" if holder else "no driver running"
@@ -218,6 +269,9 @@ def status_text(study_dir: Path) -> str:
     if not rows:
         return head + "\n(no trial has started yet)"
     lines = [head, render_table(rows, list(study.search), t.metric, t.mode, study.base.train.steps)]
+    lines.append(spend_line(study_dir, t.budget_hours, held(study.base)[0]))
+    if (reached := budget_reached(study_dir, t.budget_hours)) is not None:
+        lines.append(f"{reached}: no new trial starts")
     lines += [f"{r['trial_id']} failed: {r['reason']}" for r in records if r.get("reason")]
     if any(r["state"] == "interrupted" for r in records):
         lines.append(f"interrupted trials continue from their latest checkpoint with: {raykd_command()} study resume "
@@ -245,7 +299,14 @@ def write_report(study_dir: Path, records: list[dict] | None = None) -> dict[str
         log_keys = None
     return write_study_report(records, list(study.search), t.metric, t.mode, study_dir,
                               optuna_storage=f"sqlite:///{db.resolve()}" if db.exists() else None,
-                              study_name=study.name, log_keys=log_keys)  # fmt: skip
+                              study_name=study.name, log_keys=log_keys, budget_hours=t.budget_hours,
+                              objectives=_objectives(study))  # fmt: skip
+
+
+def _objectives(study: StudyConfig) -> list[tuple[str, str]] | None:
+    """``(metric, mode)`` of each objective of a multi-objective study, else None."""
+    t = study.tune
+    return list(zip(t.metrics, t.modes, strict=True)) if t.objectives else None
 
 
 def _finish(study: StudyConfig, study_dir: Path, wall: float) -> int:
@@ -271,7 +332,11 @@ def _finish(study: StudyConfig, study_dir: Path, wall: float) -> int:
             print(f"  trial {r['trial_id']} failed: {r['reason']}")
         elif r["state"] == "error":
             print(f"  trial {r['trial_id']} crashed; its error is in {study_dir / TUNE_DIR / r['trial_id']}/error.txt")
-    unfinished = states["interrupted"] or len(records) < t.num_samples
+    print(spend_line(study_dir, t.budget_hours, held(study.base)[0]))
+    budget = budget_reached(study_dir, t.budget_hours) if len(records) < t.num_samples else None
+    if budget is not None:  # a study that stopped at its budget has done what it was asked: exit 0
+        print(f"{budget}; {len(records)} of {t.num_samples} trials started")
+    unfinished = states["interrupted"] or (len(records) < t.num_samples and budget is None)
     if unfinished:
         print(f"interrupted; resume with: {raykd_command()} study resume {study_dir}", file=sys.stderr)
         print(f"(nothing exported: {states['done']} of {t.num_samples} trials finished; `raykd study status "
