@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import sys
 import threading
@@ -265,6 +266,39 @@ def raise_if_diverged(folder: RunFolder) -> None:
         raise DivergedError(str(failure.get("reason")), failure.get("step"), str(folder.path))
 
 
+class CtrlC:
+    """raykd's own SIGINT handler for ``trainer.fit()`` in the main thread.
+
+    Ray Train (2.58) installs a handler that aborts its controller and then calls ``sys.exit(0)``,
+    which Ray's ``ray.get`` turns into ``SystemExit(1)``: a Ctrl-C looked like a crash (exit 1, nothing
+    said).  This one takes the place of Ray's (the trainer's ``_register_sigint_handler``): the first
+    Ctrl-C asks the controller to abort (it stops the workers; checkpoints already reported are kept)
+    and records the interrupt, so that ``fit`` ending in the controller's death is read as a Ctrl-C; a
+    second Ctrl-C stops waiting at once.  Ray's own processes block SIGINT, so a Ctrl-C in the
+    terminal reaches only this driver.  The previous handler is put back by :meth:`restore`.
+    """
+
+    def __init__(self, trainer) -> None:
+        self.count = 0
+        self.previous = signal.getsignal(signal.SIGINT)
+        if hasattr(trainer, "_register_sigint_handler"):
+            trainer._register_sigint_handler = self._register
+
+    def _register(self, controller) -> None:
+        def handler(signum, frame) -> None:
+            self.count += 1
+            if self.count > 1:
+                raise KeyboardInterrupt
+            print("stopping the workers (Ctrl-C again to stop at once)…", flush=True)
+            controller.abort.remote()  # the controller exits when done; fit's ray.get then fails
+
+        signal.signal(signal.SIGINT, handler)
+
+    def restore(self) -> None:
+        if threading.current_thread() is threading.main_thread() and self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def run_training(
     cfg: RunConfig,
     run_dir: str | Path,
@@ -287,14 +321,16 @@ def run_training(
     tail = _ProgressTail(run_dir / PROGRESS_FILE, t.steps, out)
     tail.start()
     started = time.time()
+    ctrl_c = CtrlC(trainer)
     try:
         try:
             result = trainer.fit()
-        except SystemExit as e:  # Ray Train's own SIGINT handler ends in sys.exit(0): that is a Ctrl-C
-            if e.code in (0, None):
+        except BaseException:
+            if ctrl_c.count:  # whatever fit ended with (the aborted controller's death, Ray's SystemExit)
                 raise KeyboardInterrupt from None
             raise
     finally:
+        ctrl_c.restore()
         tail.stop.set()
         tail.join()
     metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
