@@ -265,3 +265,39 @@ def test_ctrl_c_on_train_exits_130_with_the_resume_command_and_the_rerun_resumes
     assert kept and kept == [10 * i for i in range(1, len(kept) + 1)], rows  # resumed from a checkpoint, not step 0
     assert [r["step"] for r in rows] == [10, 20, 30, 40]  # every evaluation once: none redone twice, none lost
     assert again[0] == kept[-1] + 10
+
+
+@pytest.mark.ray
+def test_ctrl_c_on_study_run_exports_nothing_and_study_resume_finishes_it(tmp_path, ray_local, capsys):
+    base = tiny_run_config("fixmatch", train={"steps": 40, "eval_every": 10})
+    raw = {"name": "ctrlc", "base": base.model_dump(mode="json", exclude={"provenance"}),
+           "search": {"method.threshold": {"uniform": [0.7, 0.99]}},
+           "tune": {"num_samples": 3, "max_concurrent": 1, "metric": "val_acc", "scheduler": "none"}}  # fmt: skip
+    path = tmp_path / "ctrlc.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    d = tmp_path / "runs" / "ctrlc"
+    res, _ = _ctrl_c_once(["study", "run", str(path), "--storage", str(tmp_path / "runs")],
+                          lambda: any(RunFolder(p).progress() for p in d.glob("trials/*")))  # fmt: skip
+    assert res.returncode == 130, res.stdout + res.stderr
+    assert f"interrupted; resume with: raykd study resume {d}" in res.stderr.splitlines()
+    assert not (d / "best.yaml").exists()  # nothing exported as if the study had finished
+    started = sorted(p.name for p in d.glob("trials/*"))
+    assert started and len(list(d.glob("trials/*/result.json"))) < 3
+
+    assert main(["study", "status", str(d)]) == 0
+    status = capsys.readouterr().out
+    unfinished = [t for t in started if not (d / "trials" / t / "result.json").exists()]
+    for t in unfinished:
+        assert any(t in line.split() and "interrupted" in line.split() for line in status.splitlines()), status
+    assert f"study resume {d}" in status
+
+    before = {t: RunFolder(d / "trials" / t).progress() for t in unfinished}
+    assert main(["study", "resume", str(d)]) == 0
+    assert len(list(d.glob("trials/*/result.json"))) == 3 and (d / "best.yaml").exists()
+    for t, rows in before.items():
+        if len(rows) >= 2:  # its first checkpoint was surely recorded: continued from a checkpoint, not step 0
+            assert RunFolder(d / "trials" / t).progress()[0] == rows[0]
+    for t in d.glob("trials/*"):
+        assert _steps(t) == [10, 20, 30, 40], t  # the interrupted trial continued; no evaluation twice
+    ot = optuna.load_study(study_name="ctrlc", storage=f"sqlite:///{d / 'optuna.db'}")
+    assert sorted(t.state.name for t in ot.trials) == ["COMPLETE"] * 3
