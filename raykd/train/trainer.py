@@ -201,6 +201,7 @@ def init_ray(
                 "--head` or `ray up cluster.yaml`, or leave it out to start a local Ray",
             ) from None
         return
+    loopback_only()
     extra: dict[str, Any] = {}
     if include_dashboard:
         port = _free_port()
@@ -210,6 +211,32 @@ def init_ray(
     # left on this machine, and then refuses num_cpus
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus_needed)),
              include_dashboard=include_dashboard, **extra, **common)  # fmt: skip
+    if verbose:
+        print(f"started a private local Ray (node address {ray.util.get_node_ip_address()})", flush=True)
+
+
+#: Ray's switch (read by ``ray._private.services.get_node_ip_address``) that makes a node take 127.0.0.1
+#: as its address, as Ray does on macOS and Windows; every server then binds loopback only
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def loopback_only() -> None:
+    """Make the private local Ray about to start listen on 127.0.0.1 only.
+
+    Ray's servers (GCS, raylet and object manager, every worker's gRPC server, the dashboard agent,
+    the runtime-env agent, the dashboard when on) bind 127.0.0.1 when the node's address is
+    127.0.0.1, and on all interfaces otherwise.  ``ray.init(_node_ip_address="127.0.0.1")`` does not
+    get there (Ray replaces a loopback address by the machine's routable one); Ray's switch for
+    single-machine use does: the node address is then 127.0.0.1, and so is Ray Train's
+    ``MASTER_ADDR`` for gloo/nccl.  The environment variable reaches the processes Ray starts; the
+    module constant is read at import, so it is set too (this process imported Ray already)."""
+    os.environ[LOOPBACK_ENV] = "0"
+    try:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    except (ImportError, AttributeError):  # another Ray layout: its servers listen where Ray decides
+        pass
 
 
 def build_trainer(
