@@ -169,6 +169,20 @@ def test_resume_refuses_pickles_that_others_can_write(tmp_path, capsys):
     assert main(["study", "resume", str(d)]) == 2
     err = capsys.readouterr().err
     assert str(pkl) in err and "writable by group or others" in err
+    # the experiment state embeds cloudpickle payloads Tune decodes on restore; a trial's pickles; their folders
+    os.chmod(pkl, 0o600)
+    for path in (d / "tune" / "experiment_state-2026.json", d / "tune" / "t2" / "params.pkl"):
+        path.parent.mkdir(exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        path.write_text("{}")
+        os.chmod(path, 0o664)
+        assert main(["study", "resume", str(d)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"raykd: error: {path}: is writable by group or others"), err
+        os.chmod(path, 0o600)
+    os.chmod(d / "tune" / "t2", 0o777)
+    assert main(["study", "resume", str(d)]) == 2
+    assert capsys.readouterr().err.startswith(f"raykd: error: {d / 'tune' / 't2'}: is writable by group")
 
 
 # --------------------------------------------------------------------------------------------
