@@ -167,7 +167,7 @@ def init_ray(
 ) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``), or start a private local Ray with enough logical CPUs
     (never the cluster a ``ray start --head`` left running on this machine: join that one with
-    ``--address auto``).
+    ``--address auto``), listening on 127.0.0.1 only (:func:`loopback_only`).
 
     A local Ray with the dashboard on gets its own dashboard port, and every process of the job is
     told that address (``RAY_API_SERVER_ADDRESS``).  Ray Train's placement-group cleaner queries the
