@@ -9,6 +9,7 @@ with the same config resumes from its latest checkpoint (Ray Train finds the run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -201,7 +202,6 @@ def init_ray(
                 "--head` or `ray up cluster.yaml`, or leave it out to start a local Ray",
             ) from None
         return
-    loopback_only()
     extra: dict[str, Any] = {}
     if include_dashboard:
         port = _free_port()
@@ -209,8 +209,9 @@ def init_ray(
                  "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}  # fmt: skip
     # address="local": always a private instance; without it ray.init() joins a cluster that `ray start --head`
     # left on this machine, and then refuses num_cpus
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus_needed)),
-             include_dashboard=include_dashboard, **extra, **common)  # fmt: skip
+    with loopback_only():
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus_needed)),
+                 include_dashboard=include_dashboard, **extra, **common)  # fmt: skip
     if verbose:
         print(f"started a private local Ray (node address {ray.util.get_node_ip_address()})", flush=True)
 
@@ -220,23 +221,33 @@ def init_ray(
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def loopback_only() -> None:
-    """Make the private local Ray about to start listen on 127.0.0.1 only.
+@contextlib.contextmanager
+def loopback_only():
+    """While a private local Ray starts: make it listen on 127.0.0.1 only.
 
     Ray's servers (GCS, raylet and object manager, every worker's gRPC server, the dashboard agent,
     the runtime-env agent, the dashboard when on) bind 127.0.0.1 when the node's address is
-    127.0.0.1, and on all interfaces otherwise.  ``ray.init(_node_ip_address="127.0.0.1")`` does not
-    get there (Ray replaces a loopback address by the machine's routable one); Ray's switch for
-    single-machine use does: the node address is then 127.0.0.1, and so is Ray Train's
-    ``MASTER_ADDR`` for gloo/nccl.  The environment variable reaches the processes Ray starts; the
-    module constant is read at import, so it is set too (this process imported Ray already)."""
-    os.environ[LOOPBACK_ENV] = "0"
-    try:
-        from ray._private import ray_constants
+    127.0.0.1, and all interfaces otherwise.  ``ray.init(_node_ip_address="127.0.0.1")`` does not get
+    there (Ray replaces a loopback address by the machine's routable one); Ray's switch for
+    single-machine use does: the node address is then 127.0.0.1, the processes Ray starts are told
+    so, and so is Ray Train's ``MASTER_ADDR`` for gloo/nccl.  The switch is a module constant read
+    at import (Ray is imported already) and its environment variable; both are put back afterwards,
+    so that nothing this process starts later (a `ray start --address`, which the switch refuses)
+    inherits them."""
+    from ray._private import ray_constants
 
-        ray_constants.ENABLE_RAY_CLUSTER = False
-    except (ImportError, AttributeError):  # another Ray layout: its servers listen where Ray decides
-        pass
+    before = (os.environ.get(LOOPBACK_ENV), getattr(ray_constants, "ENABLE_RAY_CLUSTER", None))
+    os.environ[LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if before[0] is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = before[0]
+        if before[1] is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = before[1]
 
 
 def build_trainer(
