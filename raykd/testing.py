@@ -201,3 +201,61 @@ class HostSyncCounter:
 
     def __exit__(self, *exc: object) -> None:
         self._mode.__exit__(*exc)
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process below it (from ``/proc``; Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    todo, found = [root], []
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[int, str, str, int]]:
+    """``(pid, name, address, port)`` of every listening TCP socket the processes ``pids`` hold
+    (``/proc/net/tcp`` and ``tcp6`` matched to their descriptors; Linux).  IPv6 addresses are as the
+    kernel has them, e.g. ``::`` for all interfaces, ``::ffff:127.0.0.1`` for IPv4 loopback."""
+    import socket
+
+    listening: dict[str, tuple[str, int]] = {}
+    for family, table in ((socket.AF_INET, "/proc/net/tcp"), (socket.AF_INET6, "/proc/net/tcp6")):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[3] != "0A":  # TCP_LISTEN
+                continue
+            addr_hex, port_hex = cols[1].split(":")
+            raw = bytes.fromhex(addr_hex)
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))  # host-order words
+            listening[cols[9]] = (socket.inet_ntop(family, raw), int(port_hex, 16))
+    out = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            with open(f"/proc/{pid}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1] in listening:
+                out.add((pid, name, *listening[link[8:-1]]))
+    return sorted(out)

@@ -427,3 +427,63 @@ def test_two_node_cluster_runs_a_study_with_one_trial_on_each_node(tmp_path):
         print(f"two-node test: {time.time() - started:.1f} s; stray processes after stopping: {stray}")
         shutil.rmtree(tmp, ignore_errors=True)
     assert not stray, f"processes of our nodes survived their process groups: {stray}"
+
+
+LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+
+
+@pytest.mark.ray
+def test_train_beside_a_local_ray_start_head_starts_its_own_loopback_only_ray(tmp_path):
+    """`ray start --head` left running on this machine (in a temp root of its own, RAY_TMPDIR, so
+    that a plain ray.init() of this process would find it as `ray start` leaves it for everyone) must
+    not catch `raykd train` without --address: the run uses a private Ray, whose every listening
+    socket is on loopback but the DDP rendezvous store of its rank 0 (2 workers, gloo)."""
+    from raykd.testing import listening_sockets, process_tree
+
+    root = Path(tempfile.mkdtemp(prefix="rk", dir="/tmp"))  # short: AF_UNIX paths under it stay < 107 chars
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(root), RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0")
+    port, p = _ports(1)[0], _ports(6)
+    head = subprocess.Popen(
+        [RAY, "start", "--block", "--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats",
+         "--include-dashboard=false", "--include-log-monitor=false", "--object-store-memory=80000000",
+         f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}", f"--dashboard-agent-listen-port={p[2]}",
+         f"--dashboard-agent-grpc-port={p[3]}", f"--runtime-env-agent-port={p[4]}", f"--metrics-export-port={p[5]}"],
+        stdout=open(root / "head.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,  # noqa: SIM115
+    )  # fmt: skip
+    try:
+        _wait_started(head, root / "head.log")
+        assert (root / "ray" / "ray_current_cluster").read_text().strip().endswith(f":{port}")
+        (head_node,) = {f.name.rsplit("_", 1)[1] for f in (root / "ray").glob("session_*/*_port_*")}
+        cfg = tiny_run_config("fixmatch", train={"steps": 40, "eval_every": 10}, scaling={"num_workers": 2})
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude={"provenance"})))
+        out = tmp_path / "out"
+        train = subprocess.Popen([sys.executable, "-m", "raykd.cli", "train", str(path), "--out", str(out)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        sockets = []
+        while train.poll() is None:
+            if (out / "progress.jsonl").exists() and not sockets:  # the workers train: gloo is up
+                sockets = listening_sockets(process_tree(train.pid))
+            time.sleep(0.2)
+        stdout, stderr = train.communicate()
+        assert train.returncode == 0, stdout + stderr
+        result = json.loads((out / "result.json").read_text())
+        assert result["node_id"] != head_node  # trained on a Ray of its own, not on the running head
+        assert sockets, "no listening socket seen while the run trained"
+        names = {name for _, name, _, _ in sockets}
+        assert {"gcs_server", "raylet"} <= names, sockets
+        wide = [s for s in sockets if s[2] not in LOOPBACK]
+        # the one exception: torch's TCPStore (the DDP rendezvous at MASTER_ADDR:MASTER_PORT, held by rank 0
+        # while the run trains) binds every interface whatever MASTER_ADDR is (docs/cluster.md)
+        assert len(wide) <= 1 and all(name.startswith("ray::RayTrainWo") for _, name, _, _ in wide), sockets
+    finally:
+        _stop([head])
+        stray = [pid for pid in _leftovers(root) if pid != os.getpid()]
+        for pid in stray:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(root, ignore_errors=True)
+    assert not stray, f"processes named after our temp root survived: {stray}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -168,6 +169,20 @@ def test_resume_refuses_pickles_that_others_can_write(tmp_path, capsys):
     assert main(["study", "resume", str(d)]) == 2
     err = capsys.readouterr().err
     assert str(pkl) in err and "writable by group or others" in err
+    # the experiment state embeds cloudpickle payloads Tune decodes on restore; a trial's pickles; their folders
+    os.chmod(pkl, 0o600)
+    for path in (d / "tune" / "experiment_state-2026.json", d / "tune" / "t2" / "params.pkl"):
+        path.parent.mkdir(exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        path.write_text("{}")
+        os.chmod(path, 0o664)
+        assert main(["study", "resume", str(d)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"raykd: error: {path}: is writable by group or others"), err
+        os.chmod(path, 0o600)
+    os.chmod(d / "tune" / "t2", 0o777)
+    assert main(["study", "resume", str(d)]) == 2
+    assert capsys.readouterr().err.startswith(f"raykd: error: {d / 'tune' / 't2'}: is writable by group")
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,3 +224,94 @@ def test_diverged_trials_fail_in_tune_and_optuna_are_never_exported_and_the_stud
     assert main(["study", "status", str(d)]) == 0
     status = capsys.readouterr().out
     assert status.count("failed") >= len(diverged)
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C: a subprocess driver gets SIGINT (as a terminal sends it, to its whole process group); the
+# resume runs in this process, on the shared Ray
+
+
+def _ctrl_c_once(argv: list[str], ready, timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``raykd ARGV`` in its own process group, SIGINT that group once ``ready()`` is true;
+    returns the finished process and when the signal went."""
+    proc = subprocess.Popen([sys.executable, "-m", "raykd.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + timeout
+        while not ready():
+            if proc.poll() is not None or time.time() > deadline:
+                out, err = proc.communicate()
+                pytest.fail(f"not ready (rc {proc.returncode}):\n{out}\n{err}")
+            time.sleep(0.1)
+        sent = time.time()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), sent
+
+
+def _steps(run_dir) -> list[int]:
+    return [row["step"] for row in RunFolder(run_dir).progress()]
+
+
+@pytest.mark.ray
+def test_ctrl_c_on_train_exits_130_with_the_resume_command_and_the_rerun_resumes(tmp_path, ray_local, capsys):
+    cfg = tiny_run_config("fixmatch", train={"steps": 40, "eval_every": 10, "lr_schedule": "constant"})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude={"provenance"})))
+    out = tmp_path / "out"
+    folder = RunFolder(out)
+    # a row, and its checkpoint copied into train/: then the rerun must not start from step 0
+    res, sent = _ctrl_c_once(["train", str(path), "--out", str(out)],
+                             lambda: folder.last_step() is not None and bool(folder.state_files()))  # fmt: skip
+    assert res.returncode == 130, res.stdout + res.stderr
+    assert res.stderr.strip().splitlines() == [f"interrupted; resume with: raykd train {path} --out {out}"]
+    assert not folder.result_path.exists() and _steps(out)[-1] < 40, "the run ended before the signal"
+
+    assert main(["train", str(path), "--out", str(out)]) == 0
+    assert "resuming from its latest checkpoint" in capsys.readouterr().out
+    rows = RunFolder(out).progress()
+    kept = [r["step"] for r in rows if r["time"] < sent]
+    again = [r["step"] for r in rows if r["time"] > sent]
+    assert kept and kept == [10 * i for i in range(1, len(kept) + 1)], rows  # resumed from a checkpoint, not step 0
+    assert [r["step"] for r in rows] == [10, 20, 30, 40]  # every evaluation once: none redone twice, none lost
+    assert again[0] == kept[-1] + 10
+
+
+@pytest.mark.ray
+def test_ctrl_c_on_study_run_exports_nothing_and_study_resume_finishes_it(tmp_path, ray_local, capsys):
+    base = tiny_run_config("fixmatch", train={"steps": 40, "eval_every": 10})
+    raw = {"name": "ctrlc", "base": base.model_dump(mode="json", exclude={"provenance"}),
+           "search": {"method.threshold": {"uniform": [0.7, 0.99]}},
+           "tune": {"num_samples": 3, "max_concurrent": 1, "metric": "val_acc", "scheduler": "none"}}  # fmt: skip
+    path = tmp_path / "ctrlc.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    d = tmp_path / "runs" / "ctrlc"
+    res, _ = _ctrl_c_once(["study", "run", str(path), "--storage", str(tmp_path / "runs")],
+                          lambda: any(RunFolder(p).progress() for p in d.glob("trials/*")))  # fmt: skip
+    assert res.returncode == 130, res.stdout + res.stderr
+    assert f"interrupted; resume with: raykd study resume {d}" in res.stderr.splitlines()
+    assert not (d / "best.yaml").exists()  # nothing exported as if the study had finished
+    started = sorted(p.name for p in d.glob("trials/*"))
+    assert started and len(list(d.glob("trials/*/result.json"))) < 3
+
+    assert main(["study", "status", str(d)]) == 0
+    status = capsys.readouterr().out
+    unfinished = [t for t in started if not (d / "trials" / t / "result.json").exists()]
+    for t in unfinished:
+        assert any(t in line.split() and "interrupted" in line.split() for line in status.splitlines()), status
+    assert f"study resume {d}" in status
+
+    before = {t: RunFolder(d / "trials" / t).progress() for t in unfinished}
+    assert main(["study", "resume", str(d)]) == 0
+    assert len(list(d.glob("trials/*/result.json"))) == 3 and (d / "best.yaml").exists()
+    for t, rows in before.items():
+        if len(rows) >= 2:  # its first checkpoint was surely recorded: continued from a checkpoint, not step 0
+            assert RunFolder(d / "trials" / t).progress()[0] == rows[0]
+    for t in d.glob("trials/*"):
+        assert _steps(t) == [10, 20, 30, 40], t  # the interrupted trial continued; no evaluation twice
+    ot = optuna.load_study(study_name="ctrlc", storage=f"sqlite:///{d / 'optuna.db'}")
+    assert sorted(t.state.name for t in ot.trials) == ["COMPLETE"] * 3

@@ -247,11 +247,26 @@ def build_run(cfg: RunConfig, session: Session, teacher_dir: str | Path | None) 
 
 
 def _candidates(ckpt: Path, folder: RunFolder) -> list[Path]:
-    """``ckpt``'s state file, then the other checkpoints beside it and in the run folder, newest first."""
+    """The state files to try, newest first: ``ckpt`` (the checkpoint Ray hands back) and the
+    checkpoints beside it in the run's storage, then the other ones in the run folder.
+
+    A checkpoint beside Ray's that is newer than it is one the workers wrote and reported, but the
+    driver stopped (Ctrl-C, a crash, a lost node) before Ray's controller recorded it: its state is
+    as complete as Ray's (an unreadable one is skipped), so the run redoes at most the steps since
+    the last checkpoint written, not since the last one Ray had recorded.  A copy Ray downloaded
+    (``checkpoint_tmp_*``, from cloud storage) has no siblings of its own."""
     seen, out = set(), []
-    siblings = sorted(ckpt.parent.glob("checkpoint*"), key=lambda p: p.stat().st_mtime, reverse=True)
-    siblings += sorted(ckpt.parent.glob("step_*"), reverse=True)
-    for path in [ckpt / STATE_FILE, *(s / STATE_FILE for s in siblings), *folder.state_files()]:
+
+    def mtime(p: Path) -> float:
+        return (p / STATE_FILE).stat().st_mtime if (p / STATE_FILE).is_file() else p.stat().st_mtime
+
+    if ckpt.name.startswith("checkpoint_tmp_"):
+        siblings = [ckpt]
+    else:
+        siblings = sorted({ckpt, *ckpt.parent.glob("checkpoint*")} - set(ckpt.parent.glob("checkpoint_tmp_*")),
+                          key=mtime, reverse=True)  # fmt: skip
+        siblings += sorted(ckpt.parent.glob("step_*"), reverse=True)
+    for path in [*(s / STATE_FILE for s in siblings), *folder.state_files()]:
         key = path.resolve() if path.exists() else path
         if key not in seen and path.is_file():
             seen.add(key)
@@ -276,11 +291,21 @@ def _load_state(run: Run, ckpt: Path, folder: RunFolder) -> dict[str, Any]:
 
 
 def restore(run: Run, ckpt: Path | None, folder: RunFolder) -> None:
-    """Phase 2: load the latest intact checkpoint (model, extras, EMA, optimiser, method state, step);
-    ``folder``'s other checkpoints are the fallbacks."""
+    """Phase 2: load the latest intact checkpoint (model, extras, EMA, optimiser, method state, step):
+    the newest of ``ckpt`` and those beside it (:func:`_candidates`), or, when Ray hands none, the
+    newest in the run folder; ``folder``'s other checkpoints are the fallbacks."""
     if ckpt is None:
-        return
-    state = _load_state(run, Path(ckpt), folder)
+        # Ray recorded no checkpoint, but the run's storage may hold one the workers wrote before the
+        # driver stopped (a Ctrl-C or a crash right after the first evaluation): start from it
+        found = folder.state_files()
+        if not found:
+            return
+        try:
+            state = _load_state(run, found[0].parent, folder)
+        except RuntimeError:  # only unreadable ones (a copy cut short): nothing was recorded, start afresh
+            return
+    else:
+        state = _load_state(run, Path(ckpt), folder)
     run.raw.load_state_dict(state["model"])
     for name, m in run.extras.items():
         unwrap(m).load_state_dict(state["extras"][name])

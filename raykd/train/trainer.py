@@ -9,9 +9,11 @@ with the same config resumes from its latest checkpoint (Ray Train finds the run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import socket
 import sys
 import threading
@@ -168,7 +170,7 @@ def init_ray(
 ) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``), or start a private local Ray with enough logical CPUs
     (never the cluster a ``ray start --head`` left running on this machine: join that one with
-    ``--address auto``).
+    ``--address auto``), listening on 127.0.0.1 only (:func:`loopback_only`).
 
     A local Ray with the dashboard on gets its own dashboard port, and every process of the job is
     told that address (``RAY_API_SERVER_ADDRESS``).  Ray Train's placement-group cleaner queries the
@@ -209,8 +211,45 @@ def init_ray(
                  "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}  # fmt: skip
     # address="local": always a private instance; without it ray.init() joins a cluster that `ray start --head`
     # left on this machine, and then refuses num_cpus
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus_needed)),
-             include_dashboard=include_dashboard, **extra, **common)  # fmt: skip
+    with loopback_only():
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus_needed)),
+                 include_dashboard=include_dashboard, **extra, **common)  # fmt: skip
+    if verbose:
+        print(f"started a private local Ray (node address {ray.util.get_node_ip_address()})", flush=True)
+
+
+#: Ray's switch (read by ``ray._private.services.get_node_ip_address``) that makes a node take 127.0.0.1
+#: as its address, as Ray does on macOS and Windows; every server then binds loopback only
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def loopback_only():
+    """While a private local Ray starts: make it listen on 127.0.0.1 only.
+
+    Ray's servers (GCS, raylet and object manager, every worker's gRPC server, the dashboard agent,
+    the runtime-env agent, the dashboard when on) bind 127.0.0.1 when the node's address is
+    127.0.0.1, and all interfaces otherwise.  ``ray.init(_node_ip_address="127.0.0.1")`` does not get
+    there (Ray replaces a loopback address by the machine's routable one); Ray's switch for
+    single-machine use does: the node address is then 127.0.0.1, the processes Ray starts are told
+    so, and so is Ray Train's ``MASTER_ADDR`` for gloo/nccl.  The switch is a module constant read
+    at import (Ray is imported already) and its environment variable; both are put back afterwards,
+    so that nothing this process starts later (a `ray start --address`, which the switch refuses)
+    inherits them."""
+    from ray._private import ray_constants
+
+    before = (os.environ.get(LOOPBACK_ENV), getattr(ray_constants, "ENABLE_RAY_CLUSTER", None))
+    os.environ[LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if before[0] is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = before[0]
+        if before[1] is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = before[1]
 
 
 def build_trainer(
@@ -267,6 +306,39 @@ def raise_if_diverged(folder: RunFolder) -> None:
         raise DivergedError(str(failure.get("reason")), failure.get("step"), str(folder.path))
 
 
+class CtrlC:
+    """raykd's own SIGINT handler for ``trainer.fit()`` in the main thread.
+
+    Ray Train (2.58) installs a handler that aborts its controller and then calls ``sys.exit(0)``,
+    which Ray's ``ray.get`` turns into ``SystemExit(1)``: a Ctrl-C looked like a crash (exit 1, nothing
+    said).  This one takes the place of Ray's (the trainer's ``_register_sigint_handler``): the first
+    Ctrl-C asks the controller to abort (it stops the workers; checkpoints already reported are kept)
+    and records the interrupt, so that ``fit`` ending in the controller's death is read as a Ctrl-C; a
+    second Ctrl-C stops waiting at once.  Ray's own processes block SIGINT, so a Ctrl-C in the
+    terminal reaches only this driver.  The previous handler is put back by :meth:`restore`.
+    """
+
+    def __init__(self, trainer) -> None:
+        self.count = 0
+        self.previous = signal.getsignal(signal.SIGINT)
+        if hasattr(trainer, "_register_sigint_handler"):
+            trainer._register_sigint_handler = self._register
+
+    def _register(self, controller) -> None:
+        def handler(signum, frame) -> None:
+            self.count += 1
+            if self.count > 1:
+                raise KeyboardInterrupt
+            print("stopping the workers (Ctrl-C again to stop at once)…", flush=True)
+            controller.abort.remote()  # the controller exits when done; fit's ray.get then fails
+
+        signal.signal(signal.SIGINT, handler)
+
+    def restore(self) -> None:
+        if threading.current_thread() is threading.main_thread() and self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def run_training(
     cfg: RunConfig,
     run_dir: str | Path,
@@ -291,14 +363,16 @@ def run_training(
     tail = _ProgressTail(run_dir / PROGRESS_FILE, t.steps, out, prefix)
     tail.start()
     started = time.time()
+    ctrl_c = CtrlC(trainer)
     try:
         try:
             result = trainer.fit()
-        except SystemExit as e:  # Ray Train's own SIGINT handler ends in sys.exit(0): that is a Ctrl-C
-            if e.code in (0, None):
+        except BaseException:
+            if ctrl_c.count:  # whatever fit ended with (the aborted controller's death, Ray's SystemExit)
                 raise KeyboardInterrupt from None
             raise
     finally:
+        ctrl_c.restore()
         tail.stop.set()
         tail.join()
     metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}

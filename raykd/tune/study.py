@@ -427,24 +427,28 @@ def _finish_and_sync(study: StudyConfig, study_dir: Path, remote: str | None, wa
     return rc
 
 
-#: what ``Tuner.restore`` unpickles from a study folder (running their code is what a resume trusts)
-PICKLES = ("tuner.pkl", "searcher-state-*.pkl", "*.pkl")
+#: what ``Tuner.restore`` unpickles from a study folder's ``tune/``: the pickles (also the trials'
+#: params.pkl / error.pkl) and the experiment and search-generator states, JSON that embeds
+#: cloudpickle payloads which Tune decodes on restore (running their code is what a resume trusts)
+PICKLES = ("**/*.pkl", "experiment_state-*.json", "search_gen_state-*.json")
 
 
 def check_trusted(study_dir: Path) -> None:
     """Refuse to unpickle Ray's state from a folder that someone else could have written.
 
-    ``raykd study resume`` hands ``tune/tuner.pkl`` and the searcher state to ``Tuner.restore``,
-    which unpickles them: whoever can write those files can run code as the user who resumes.  They
-    must belong to this user and be writable by nobody else (as raykd writes them)."""
+    ``raykd study resume`` hands ``tune/`` to ``Tuner.restore``, which unpickles ``tuner.pkl``, the
+    searcher state and every trial's pickles, and decodes the cloudpickle payloads inside the
+    experiment state: whoever can write those files can run code as the user who resumes.  Each of
+    them, and ``tune/`` and every folder holding one (where a file could be swapped), must belong to
+    this user and be writable by nobody else (as raykd writes them)."""
     tune_dir = study_dir / TUNE_DIR
     found = {p for pattern in PICKLES for p in tune_dir.glob(pattern)}
-    for path in sorted(found):
+    for path in sorted({tune_dir, *(p.parent for p in found)}) + sorted(found):
         st = path.stat()
         if st.st_uid != os.getuid() or st.st_mode & 0o022:
             who = "belongs to another user" if st.st_uid != os.getuid() else "is writable by group or others"
-            raise ConfigError(str(path), f"{who}; resuming unpickles it, which runs whatever it holds. If you "
-                              f"trust it, make it yours and private (chown, chmod go-w {path}), or start a new "
+            raise ConfigError(str(path), f"{who}; resuming unpickles what it holds, which runs whatever it holds. If "
+                              f"you trust it, make it yours and private (chown, chmod go-w {path}), or start a new "
                               "study")  # fmt: skip
 
 
