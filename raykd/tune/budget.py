@@ -125,6 +125,8 @@ def spend_line(study_dir: Path, budget_hours: float | None, kind: str) -> str:
     """``spent 0.0123 CPU-hours (44 s wall) over 3 trials[, budget 1 CPU-hours]``."""
     s = study_spend(study_dir)
     unit = f"{s['device'] or kind}-hours"
+    if not s["trials"] and any((study_dir / TRIALS_DIR).glob("*/")):
+        return "spend: not recorded (these trials ran before raykd kept trials/<id>/cost.json)"
     line = f"spent {s['device_s'] / 3600:.4g} {unit} ({s['wall_s']:.0f} s of trial wall time) over {s['trials']} trials"
     return line + (f", budget {budget_hours:g} {unit}" if budget_hours is not None else "")
 
