@@ -49,9 +49,15 @@ def test_the_shared_data_is_the_data(tmp_path: Path, monkeypatch: pytest.MonkeyP
     # another split, or a changed file, is another folder
     prepare_data("stl10", str(tmp_path / "stl"), 1, 0, 3)
     assert len(list((tmp_path / "cache" / "data").glob("*/meta.json"))) == 3
+    # a builder killed while writing leaves a temporary folder: the next builder removes it
+    stale = tmp_path / "cache" / "data" / ".stl10-0123-x"
+    stale.mkdir()
+    monkeypatch.setattr(shared, "cache_key", lambda *a: "0123")
+    prepare_data("stl10", str(tmp_path / "stl"), 1, 0, 4)
+    assert not stale.exists() and (tmp_path / "cache" / "data" / "stl10-0123" / "meta.json").is_file()
 
 
-def test_small_datasets_and_plugins_are_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_small_datasets_are_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAYKD_CACHE", str(tmp_path / "cache"))
     prepare_data("digits", None, 5, 1, 0)
     write_stl(tmp_path / "stl", unlabeled=6)  # a few MB: under MIN_BYTES

@@ -131,6 +131,8 @@ def shared_data(key: str, name: str, build: Callable[[], SSLData]) -> SSLData:
         with open(path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per node; the others wait, then map
             if not (path / "meta.json").is_file():
+                for stale in path.parent.glob(f".{path.name}-*"):  # a builder killed mid-write
+                    shutil.rmtree(stale, ignore_errors=True)
                 built = build()
                 _write(built, path)
     except OSError as e:
