@@ -103,3 +103,28 @@ def test_two_processes_share_the_pool(tmp_path: Path) -> None:
     finally:
         for p in procs:
             p.communicate("\n", timeout=30)
+
+
+def test_training_on_the_shared_data_gives_the_same_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two FixMatch steps on a CIFAR-10 fixture: the mapped data gives exactly the numbers of the
+    data built in the process (batches gathered from the map are the same images)."""
+    from raykd.testing import tiny_run_config
+    from raykd.train.context import LocalSession
+    from raykd.train.loop import train_loop
+
+    monkeypatch.setattr(shared, "MIN_BYTES", 0)
+    write_cifar(tmp_path / "cifar", "cifar10")
+    cfg = tiny_run_config(
+        "fixmatch",
+        data={"name": "cifar10", "root": str(tmp_path / "cifar"), "labels_per_class": 2, "val_per_class": 1},
+        method={"threshold": 0.105},
+        train={"steps": 2, "eval_every": 2, "ema": 0.0, "batch_size": 8, "uratio": 2},
+    )
+    results = []
+    for cache in ("off", str(tmp_path / "cache")):
+        monkeypatch.setenv("RAYKD_CACHE", cache)
+        run_dir = tmp_path / f"run-{len(results)}"
+        metrics = train_loop(cfg, LocalSession(run_dir), run_dir)
+        results.append({k: v for k, v in metrics.items() if isinstance(v, float) and k not in ("img_per_s",)})
+    assert (tmp_path / "cache" / "data").is_dir()
+    assert results[0] == results[1]
