@@ -18,14 +18,17 @@ Modes (``--mode``, default both, each with a fresh, empty cache folder):
 
     python benchmarks/pool_memory.py                      # 100,000 unlabeled images (2.76 GB)
     python benchmarks/pool_memory.py --unlabeled 20000 --workers 1 2
+    python benchmarks/pool_memory.py --unlabeled 20000 --ray   # Ray Train workers (no data_of time)
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -100,11 +103,60 @@ def measure(root: Path, n_workers: int, cache: str) -> dict:
     return {"pss": pss / 2**20, "rss": rss / 2**20, "seconds": max(r[1] for r in reports), "pool": reports[0][2]}
 
 
+def ray_worker(config: dict) -> None:
+    """A Ray Train worker: ``data_of``, touch every page, measure once every worker holds its data."""
+    import ray.train
+    import torch.distributed as dist
+
+    from raykd.config import parse_run_config
+    from raykd.data import data_of
+
+    cfg = parse_run_config({
+        "data": {"name": "stl10", "root": config["root"], "labels_per_class": 25, "val_per_class": 50, "seed": 0},
+        "model": {"name": "small_cnn"},
+        "method": {"name": "fixmatch"},
+    })  # fmt: skip
+    data = data_of(cfg)
+    for ds in (data.labeled, data.unlabeled, data.val, data.test):
+        for i in range(0, len(ds), 4096):
+            int(ds.images[i : i + 4096].max())
+    dist.barrier()
+    time.sleep(1)
+    pss, rss = memory_kb(os.getpid())
+    rank = ray.train.get_context().get_world_rank()
+    Path(config["out"], f"{rank}.txt").write_text(f"{pss} {rss} {len(data.unlabeled)}")
+    dist.barrier()
+
+
+def measure_ray(root: Path, n_workers: int, cache: str, scratch: Path) -> dict:
+    """The same with ``n_workers`` Ray Train (TorchTrainer, gloo) workers of half a CPU each."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = Path(tempfile.mkdtemp(dir=scratch))
+    env = {"RAYKD_CACHE": cache, "PYTHONPATH": os.pathsep.join(sys.path)}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    try:
+        TorchTrainer(
+            ray_worker,
+            train_loop_config={"root": str(root), "out": str(out)},
+            scaling_config=ScalingConfig(num_workers=n_workers, resources_per_worker={"CPU": 0.5}),
+            run_config=RunConfig(storage_path=str(scratch / "ray"), name=f"w{n_workers}"),
+        ).fit()
+    finally:
+        ray.shutdown()
+    rows = [list(map(int, f.read_text().split())) for f in out.glob("*.txt")]
+    pss, rss = sum(r[0] for r in rows), sum(r[1] for r in rows)
+    return {"pss": pss / 2**20, "rss": rss / 2**20, "seconds": float("nan"), "pool": rows[0][2]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--unlabeled", type=int, default=100_000, help="images in unlabeled_X.bin")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--mode", choices=["copy", "shared", "both"], default="both")
+    p.add_argument("--ray", action="store_true", help="Ray Train workers (TorchTrainer) instead of processes")
     p.add_argument("--scratch", default=None, help="folder for the fixture and caches (default: a temp dir)")
     args = p.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="raykd-pool-", dir=args.scratch))
@@ -122,9 +174,13 @@ def main() -> None:
                 cache = "off"
                 if mode == "shared":
                     cache = str(scratch / f"cache-{n}")  # empty: the first worker builds and writes it
-                r = measure(scratch / "stl10", n, cache)
+                if args.ray:
+                    r = measure_ray(scratch / "stl10", n, cache, scratch)
+                else:
+                    r = measure(scratch / "stl10", n, cache)
+                secs = "n/a" if math.isnan(r["seconds"]) else f"{r['seconds']:.1f}"
                 print(f"| {mode} | {n} | {r['pool']:,} | {r['pss']:.2f} | {r['rss']:.2f} | {r['pss'] / n:.2f} "
-                      f"| {r['seconds']:.1f} |", flush=True)  # fmt: skip
+                      f"| {secs} |", flush=True)  # fmt: skip
                 if mode == "shared":
                     shutil.rmtree(cache, ignore_errors=True)
     finally:
