@@ -14,6 +14,15 @@ from raykd.errors import ConfigError
 NEVER_DOWNLOADS = "raykd never downloads"
 
 
+def cache_folder() -> Path | None:
+    """Where raykd keeps decoded image folders and the node's shared data (``$RAYKD_CACHE``, default
+    ``~/.cache/raykd``), or None when ``RAYKD_CACHE=off``."""
+    value = os.environ.get("RAYKD_CACHE", "")
+    if value.lower() == "off":
+        return None
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "raykd"
+
+
 def require_root(name: str, root: str | os.PathLike | None, layout: str) -> Path:
     """Return ``root`` as an absolute path, or raise if it is not set.
 

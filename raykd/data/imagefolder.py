@@ -16,8 +16,8 @@ channels, size), and on disk as one ``.npy`` per (root, channels, size, every fi
 mtime) under ``$RAYKD_CACHE`` (default ``~/.cache/raykd``), ``imagefolder/``.  The first process on a
 node decodes under a file lock and writes the array; the DDP workers and trials after it map the
 array (copy-on-write) and have it in about two seconds, most of which is listing the files to check
-the key (``benchmarks/imagefolder_cache.py``).  Building the unlabeled pool still copies the images
-it keeps into each worker's memory.  Changing, adding or removing an image changes the key, so a
+the key (``benchmarks/imagefolder_cache.py``).  The unlabeled pool built from it is kept once per node
+too (:mod:`raykd.data.shared`).  Changing, adding or removing an image changes the key, so a
 stale array is never read; delete the folder to reclaim the space.  Set ``RAYKD_CACHE=off`` to
 decode every time.
 
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raykd.data._files import cache_folder
 from raykd.data.base import ArrayDataset
 from raykd.errors import ConfigError
 
@@ -93,15 +94,6 @@ def load_imagefolder(root: str | os.PathLike, channels: int, size: int, field: s
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     return _load(Path(root).expanduser().resolve(), channels, size, field)
-
-
-def cache_folder() -> Path | None:
-    """Where decoded image folders are kept (``$RAYKD_CACHE``, default ``~/.cache/raykd``), or None
-    when ``RAYKD_CACHE=off``."""
-    value = os.environ.get("RAYKD_CACHE", "")
-    if value.lower() == "off":
-        return None
-    return Path(value).expanduser() if value else Path.home() / ".cache" / "raykd"
 
 
 @functools.lru_cache(maxsize=2)

@@ -39,8 +39,12 @@ Memory: when a split selects the whole training set in order, the dataset shares
 tensors instead of copying them; otherwise indexing copies the selected samples.  With STL-10's
 unlabeled split, building the unlabeled pool reads the memory-mapped ``unlabeled_X.bin`` once and
 holds the pool in RAM (about 2.8 GB): a single tensor is what the training loop and the contract of
-:class:`ArrayDataset` expect.  All tensors are shared with the loader's cache where possible: treat
-them as read-only.
+:class:`ArrayDataset` expect.  So that the processes of one node (DDP workers, trials) hold that
+copy once and not once each, :func:`prepare_data` keeps the built datasets of the larger families in
+a memory-mapped cache on local disk, ``$RAYKD_CACHE/data/`` (:mod:`raykd.data.shared`): the first
+process builds and writes them, every process maps them, and a batch gathers its rows from the map.
+All tensors are shared with the loader's cache or the node's map where possible: treat them as
+read-only.
 """
 
 from __future__ import annotations
@@ -214,6 +218,23 @@ def prepare_data(
     Returns:
         The run's labeled, unlabeled, validation and test sets.
     """
+    from raykd.data.shared import cache_key, shared_data
+
+    key = cache_key(name, root, labels_per_class, val_per_class, seed, open_set)
+    if key is None:
+        return _prepare(name, root, labels_per_class, val_per_class, seed, open_set)
+    return shared_data(key, name, lambda: _prepare(name, root, labels_per_class, val_per_class, seed, open_set))
+
+
+def _prepare(
+    name: str,
+    root: str | None,
+    labels_per_class: int | None,
+    val_per_class: int,
+    seed: int,
+    open_set: OpenSetConfig | None,
+) -> SSLData:
+    """:func:`prepare_data` without the node's shared cache."""
     bundle = load_dataset(name, root)
     if open_set is not None:
         return open_set_data(bundle, open_set, labels_per_class, val_per_class, seed)
