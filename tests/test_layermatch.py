@@ -260,3 +260,21 @@ def test_soft_avg_is_fixmatchs_mask_with_the_averaged_prediction_as_soft_target(
     assert torch.equal(out["mask"], mask) and 0 < mask.sum()
     torch.testing.assert_close(out["loss_u"].detach(), expected, rtol=1e-5, atol=1e-6)
     assert torch.equal(m.count[batch.u_idx], torch.ones(n, dtype=torch.long))
+
+
+def test_memory_bank_closed_form_equals_the_sequential_rule_with_many_repeats():
+    """The shape-static update (no host sync) equals applying the rows one by one, in order."""
+    g = torch.Generator().manual_seed(0)
+    bank = torch.softmax(torch.randn(7, 5, generator=g), 1)
+    count = torch.randint(0, 4, (7,), generator=g)
+    idx = torch.randint(0, 7, (40,), generator=g)  # every index repeated, some many times
+    q = torch.softmax(torch.randn(40, 5, generator=g), 1)
+    ref_bank, ref_count = bank.clone(), count.clone()
+    for i, row in zip(idx.tolist(), q, strict=True):
+        ref_bank[i] = 0.9 * ref_bank[i] + 0.1 * row
+        ref_count[i] += 1
+    ema_bank_update(bank, count, idx, q, momentum=0.9)
+    torch.testing.assert_close(bank, ref_bank, rtol=1e-6, atol=1e-7)
+    assert torch.equal(count, ref_count)
+    ema_bank_update(bank, count, idx[:0], q[:0], momentum=0.9)  # an empty batch changes nothing
+    assert torch.equal(count, ref_count)

@@ -114,20 +114,32 @@ def ema_bank_update(
 ) -> None:
     """In place: ``bank[i] ← m·bank[i] + (1 − m)·q`` and ``count[i] += 1`` for each row of ``(idx, q)``.
 
-    Rows are applied in order; an index that occurs several times is updated once per occurrence
-    (deterministically, which keeps the bank identical on every rank).
+    Rows are applied in order; an index that occurs k times is updated k times, in order, which in
+    closed form is ``bank[i] ← m^k·bank[i] + Σ_j (1 − m)·m^(k−1−j)·q_j`` (j = 0 … k−1 its occurrences).
+    That form is computed here with shape-static tensor ops only (a stable sort, segment sums by a
+    float64 cumulative sum): no device→host synchronisation and no data-dependent loop, and the same
+    result on every rank.
     """
-    q = q.to(bank.dtype)
-    while len(idx):
-        order = torch.arange(len(idx), device=idx.device)
-        uniq, inv = torch.unique(idx, return_inverse=True)
-        first = torch.full((len(uniq),), len(idx), device=idx.device).scatter_reduce(0, inv, order, "amin")
-        rows = idx[first]
-        bank[rows] = momentum * bank[rows] + (1.0 - momentum) * q[first]
-        count[rows] += 1
-        rest = torch.ones(len(idx), dtype=torch.bool, device=idx.device)
-        rest[first] = False
-        idx, q = idx[rest], q[rest]
+    n = idx.shape[0]
+    if n == 0:
+        return
+    pos = torch.arange(n, device=idx.device)
+    sorted_idx, perm = torch.sort(idx, stable=True)
+    new = torch.ones(n, dtype=torch.bool, device=idx.device)
+    new[1:] = sorted_idx[1:] != sorted_idx[:-1]
+    last = torch.ones(n, dtype=torch.bool, device=idx.device)
+    last[:-1] = new[1:]
+    start = torch.cummax(torch.where(new, pos, torch.zeros_like(pos)), 0).values
+    end = torch.flip(torch.cummin(torch.flip(torch.where(last, pos, torch.full_like(pos, n)), [0]), 0).values, [0])
+    k = end - start + 1  # occurrences of this row's index
+    rank = pos - start  # which occurrence (0-based, in the original order: the sort is stable)
+    m = float(momentum)
+    weight = (1.0 - m) * torch.pow(m, (k - 1 - rank).double())
+    contrib = weight[:, None] * q[perm].double()
+    cum = torch.cat([torch.zeros_like(contrib[:1]), torch.cumsum(contrib, 0)])
+    total = cum[end + 1] - cum[start]
+    bank[sorted_idx] = (torch.pow(m, k.double())[:, None] * bank[sorted_idx].double() + total).to(bank.dtype)
+    count[sorted_idx] = count[sorted_idx] + k.to(count.dtype)
 
 
 def averaged_prediction(rows: torch.Tensor, counts: torch.Tensor, momentum: float, debias: bool) -> torch.Tensor:
