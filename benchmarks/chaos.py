@@ -25,47 +25,19 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+from raykd.testing import free_ports, kill_group, start_ray_node, stop_ray_nodes, wait_ray_node
 
 
 def start_node(root: Path, name: str, head_port: int, resources: dict, head: bool) -> subprocess.Popen:
-    """`ray start --block` in its own process group, with its own ports and temp dir."""
-    p = _ports(7)
-    args = [RAY, "start", "--block", "--disable-usage-stats", "--num-cpus=1", "--num-gpus=0",
-            f"--resources={json.dumps(resources)}", f"--temp-dir={root / name}", "--object-store-memory=80000000",
-            f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}", f"--dashboard-agent-listen-port={p[2]}",
-            f"--dashboard-agent-grpc-port={p[3]}", f"--runtime-env-agent-port={p[4]}", f"--metrics-export-port={p[5]}",
-            "--include-log-monitor=false"]  # fmt: skip
-    if head:
-        args += ["--head", f"--port={head_port}", "--include-dashboard=false", f"--ray-client-server-port={p[6]}"]
-    else:
-        args += [f"--address=127.0.0.1:{head_port}"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_USAGE_STATS_ENABLED="0")
-    log = open(root / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.time() + 120
-    while "block forever" not in (root / f"{name}.log").read_text():
-        if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"ray start {name} failed:\n{(root / f'{name}.log').read_text()}")
-        time.sleep(0.2)
+    """A `ray start --block` node of the chaos cluster, once it is up."""
+    proc = start_ray_node(root, name, head_port, resources, head)
+    wait_ray_node(proc, root / f"{name}.log", timeout_s=120)
     return proc
 
 
@@ -81,26 +53,6 @@ def kill_node(proc: subprocess.Popen) -> None:
             pass
     kill_group(proc)
     proc.wait()
-
-
-def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        kill_group(proc, signal.SIGTERM)
-    deadline = time.time() + 20
-    for proc in procs:
-        try:
-            proc.wait(max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            pass
-        kill_group(proc)
-        proc.wait()
 
 
 def rows(trial_dir: Path) -> list[dict]:
@@ -131,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     root = Path(tempfile.mkdtemp(prefix="rkc", dir="/tmp"))  # short: Ray's AF_UNIX paths live under it
     work = Path(tempfile.mkdtemp(prefix="raykd-chaos-"))
-    head_port = _ports(1)[0]
+    head_port = free_ports(1)[0]
     procs: list[subprocess.Popen] = []
     driver = None
     started = time.time()
@@ -217,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         if driver is not None and driver.poll() is None:
             kill_group(driver)
             driver.wait()
-        stop(procs)
+        stop_ray_nodes(procs)
         shutil.rmtree(root, ignore_errors=True)
         if os.environ.get("RAYKD_CHAOS_KEEP"):
             print(f"study folder kept: {work}", file=sys.stderr)

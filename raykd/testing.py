@@ -259,3 +259,84 @@ def listening_sockets(pids: list[int]) -> list[tuple[int, str, str, int]]:
             if link.startswith("socket:[") and link[8:-1] in listening:
                 out.add((pid, name, *listening[link[8:-1]]))
     return sorted(out)
+
+
+# --------------------------------------------------------------------------------------------
+# local multi-node Ray clusters (`ray start` processes on this machine) for tests and benchmarks
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def start_ray_node(root: Path, name: str, head_port: int, resources: dict, head: bool, **env: str):
+    """`ray start --block` as a child in its own process group, every port of its own, its own temp
+    dir ``root/name`` (short: Ray's AF_UNIX socket paths live under it) and log ``root/name.log``;
+    ``env`` is added to the node's environment.  Returns the process (see :func:`wait_ray_node`)."""
+    import subprocess
+
+    p = free_ports(7)
+    args = [RAY, "start", "--block", "--disable-usage-stats", "--num-cpus=1", "--num-gpus=0",
+            f"--resources={json.dumps(resources)}", f"--temp-dir={root / name}", "--object-store-memory=80000000",
+            f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}", f"--dashboard-agent-listen-port={p[2]}",
+            f"--dashboard-agent-grpc-port={p[3]}", f"--runtime-env-agent-port={p[4]}", f"--metrics-export-port={p[5]}",
+            "--include-log-monitor=false"]  # fmt: skip
+    if head:
+        args += ["--head", f"--port={head_port}", "--include-dashboard=false", f"--ray-client-server-port={p[6]}"]
+    else:
+        args += [f"--address=127.0.0.1:{head_port}"]
+    full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    full_env.update(RAY_USAGE_STATS_ENABLED="0", **env)
+    log = open(root / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+
+
+def wait_ray_node(proc, log: Path, timeout_s: float = 60) -> None:
+    """Wait until a `ray start --block` node is up; RuntimeError with its log if it dies or times out."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while "block forever" not in (log.read_text() if log.exists() else ""):
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"ray start did not come up in {timeout_s} s:\n{log.read_text()}")
+        time.sleep(0.2)
+
+
+def kill_group(proc, sig: int | None = None) -> None:
+    """Signal (default SIGKILL) the process group of a process started with ``start_new_session``."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL if sig is None else sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_ray_nodes(procs: list) -> None:
+    """SIGTERM each `ray start --block` process group we started (never `ray stop`: other Ray
+    instances may run on this machine), then SIGKILL what is left of those groups."""
+    import signal
+    import subprocess
+    import time
+
+    for proc in procs:
+        kill_group(proc, signal.SIGTERM)
+    deadline = time.time() + 20
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            pass
+        kill_group(proc)
+        proc.wait()

@@ -24,7 +24,7 @@ import yaml
 from raykd.cli import main
 from raykd.config import RunConfig
 from raykd.errors import ConfigError
-from raykd.testing import tiny_run_config
+from raykd.testing import RAY, free_ports, start_ray_node, stop_ray_nodes, tiny_run_config, wait_ray_node
 from raykd.tune.resources import DRIVER_CPU, concurrency, trial_needs, trial_resources, trials_that_fit, worker_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,71 +306,14 @@ def test_uri_storage_keeps_a_working_copy_and_copies_it_to_the_bucket(tmp_path, 
 # a real two-node Ray cluster on this machine
 
 
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _start_node(tmp: Path, name: str, head_port: int, resources: dict, head: bool) -> subprocess.Popen:
-    """`ray start --block` as a child in its own process group, every port of its own, its own temp dir
-    (short: Ray's AF_UNIX socket paths live under it)."""
-    p = _ports(7)
-    args = [RAY, "start", "--block", "--disable-usage-stats", "--num-cpus=1", "--num-gpus=0",
-            f"--resources={json.dumps(resources)}", f"--temp-dir={tmp / name}", "--object-store-memory=80000000",
-            f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}", f"--dashboard-agent-listen-port={p[2]}",
-            f"--dashboard-agent-grpc-port={p[3]}", f"--runtime-env-agent-port={p[4]}", f"--metrics-export-port={p[5]}",
-            "--include-log-monitor=false"]  # fmt: skip
-    if head:
-        args += ["--head", f"--port={head_port}", "--include-dashboard=false", f"--ray-client-server-port={p[6]}"]
-    else:
-        args += [f"--address=127.0.0.1:{head_port}"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", RAY_USAGE_STATS_ENABLED="0")
-    log = open(tmp / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def _wait_started(proc: subprocess.Popen, log: Path, timeout_s: float = 60) -> None:
-    deadline = time.time() + timeout_s
-    while "block forever" not in (log.read_text() if log.exists() else ""):
-        assert proc.poll() is None, log.read_text()
-        assert time.time() < deadline, f"ray start did not come up in {timeout_s} s:\n{log.read_text()}"
-        time.sleep(0.2)
+#: nodes stopped at the end of a test leave at once (no graceful drain)
+DRAIN_NOW = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 
 
 def _node_id(tmp: Path, name: str) -> str:
     """The node's id, from the port files Ray writes into that node's own session folder."""
     (node_id,) = {p.name.rsplit("_", 1)[1] for p in (tmp / name).glob("session_*/*_port_*")}
     return node_id
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM each `ray start --block` process group we started (never `ray stop`: other Ray
-    instances may run on this machine), then SIGKILL what is left of those groups."""
-    for proc in procs:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.time() + 20
-    for proc in procs:
-        try:
-            proc.wait(max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
 
 
 def _leftovers(tmp: Path) -> list[int]:
@@ -392,13 +335,13 @@ def test_two_node_cluster_runs_a_study_with_one_trial_on_each_node(tmp_path):
     `raykd_slot` and one CPU; the study's trials ask for a slot each, so its two concurrent trials
     must run on different nodes.  raykd joins with --address, as on a cluster started by `ray up`."""
     tmp = Path(tempfile.mkdtemp(prefix="rk", dir="/tmp"))  # short: AF_UNIX paths under it stay < 107 chars
-    head_port, procs = _ports(1)[0], []
+    head_port, procs = free_ports(1)[0], []
     started = time.time()
     try:
-        procs.append(_start_node(tmp, "head", head_port, {"raykd_slot": 1}, head=True))
-        _wait_started(procs[0], tmp / "head.log")
-        procs.append(_start_node(tmp, "node2", head_port, {"raykd_slot": 1}, head=False))
-        _wait_started(procs[1], tmp / "node2.log")
+        procs.append(start_ray_node(tmp, "head", head_port, {"raykd_slot": 1}, head=True, **DRAIN_NOW))
+        wait_ray_node(procs[0], tmp / "head.log")
+        procs.append(start_ray_node(tmp, "node2", head_port, {"raykd_slot": 1}, head=False, **DRAIN_NOW))
+        wait_ray_node(procs[1], tmp / "node2.log")
         nodes = {_node_id(tmp, "head"), _node_id(tmp, "node2")}
         assert len(nodes) == 2
 
@@ -417,7 +360,7 @@ def test_two_node_cluster_runs_a_study_with_one_trial_on_each_node(tmp_path):
         assert {r["node_id"] for r in results} == nodes  # one trial on the head, one on the second node
         assert (d / "best.yaml").exists()
     finally:
-        _stop(procs)
+        stop_ray_nodes(procs)
         stray = _leftovers(tmp)
         for pid in stray:  # belt and braces: only processes that name our own temp dir
             try:
@@ -443,7 +386,7 @@ def test_train_beside_a_local_ray_start_head_starts_its_own_loopback_only_ray(tm
     root = Path(tempfile.mkdtemp(prefix="rk", dir="/tmp"))  # short: AF_UNIX paths under it stay < 107 chars
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=str(root), RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0")
-    port, p = _ports(1)[0], _ports(6)
+    port, p = free_ports(1)[0], free_ports(6)
     head = subprocess.Popen(
         [RAY, "start", "--block", "--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats",
          "--include-dashboard=false", "--include-log-monitor=false", "--object-store-memory=80000000",
@@ -452,7 +395,7 @@ def test_train_beside_a_local_ray_start_head_starts_its_own_loopback_only_ray(tm
         stdout=open(root / "head.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,  # noqa: SIM115
     )  # fmt: skip
     try:
-        _wait_started(head, root / "head.log")
+        wait_ray_node(head, root / "head.log")
         assert (root / "ray" / "ray_current_cluster").read_text().strip().endswith(f":{port}")
         (head_node,) = {f.name.rsplit("_", 1)[1] for f in (root / "ray").glob("session_*/*_port_*")}
         cfg = tiny_run_config("fixmatch", train={"steps": 40, "eval_every": 10}, scaling={"num_workers": 2})
@@ -478,7 +421,7 @@ def test_train_beside_a_local_ray_start_head_starts_its_own_loopback_only_ray(tm
         # while the run trains) binds every interface whatever MASTER_ADDR is (docs/cluster.md)
         assert len(wide) <= 1 and all(name.startswith("ray::RayTrainWo") for _, name, _, _ in wide), sockets
     finally:
-        _stop([head])
+        stop_ray_nodes([head])
         stray = [pid for pid in _leftovers(root) if pid != os.getpid()]
         for pid in stray:
             try:
