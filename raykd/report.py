@@ -103,6 +103,38 @@ def paired_comparison(reference: Sequence[float], other: Sequence[float], level:
             "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs), "verdict": verdict}  # fmt: skip
 
 
+#: how a study with ``tune.repeats`` turns a configuration's per-seed values into the one figure it
+#: selects on (:func:`seed_aggregate`)
+AGGREGATES = ("mean", "mean_minus_std", "lower_ci")
+
+
+def seed_aggregate(values: Sequence[float], how: str = "mean", mode: str = "max", level: float = 0.95) -> float:
+    """One figure for a configuration trained with several seeds, from its per-seed ``values``.
+
+    ``mean``: the mean.  ``mean_minus_std``: the mean moved one sample standard deviation (ddof=1)
+    towards worse, i.e. ``mean − std`` when ``mode`` is ``"max"`` and ``mean + std`` when it is
+    ``"min"``.  ``lower_ci``: the worse end of the two-sided ``level`` t-interval of the mean,
+    ``mean ∓ t(0.5 + level/2, n − 1) · std / √n``.  Both spread-aware aggregates favour a
+    configuration that is good on every seed over one that is lucky on one; they need two values
+    or more."""
+    if how not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {how!r}")
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    xs = [float(v) for v in values]
+    if not xs:
+        raise ValueError("no values to aggregate")
+    mean = statistics.fmean(xs)
+    if how == "mean":
+        return mean
+    if len(xs) < 2:
+        raise ValueError(f"{how} needs two values or more (a spread), got {len(xs)}")
+    spread = statistics.stdev(xs)
+    if how == "lower_ci":
+        spread *= t_quantile(0.5 + level / 2, len(xs) - 1) / math.sqrt(len(xs))
+    return mean - spread if mode == "max" else mean + spread
+
+
 def format_paired(c: dict[str, Any], digits: int = 4) -> str:
     """``+0.0123 [+0.0040, +0.0206], 5/5 seeds up: holds`` (the interval at ``c['level']``)."""
     if c["n"] < 2:
@@ -317,8 +349,36 @@ def aggregate_ablation(records: Sequence[dict], knobs: Sequence[str], metrics: S
     return out
 
 
+def paired_cells(records: Sequence[dict], knobs: Sequence[str], metric: str,
+                 reference: Sequence[Any]) -> list[dict]:  # fmt: skip
+    """Every grid cell but ``reference`` (a value per knob) against it, paired by seed: the seeds
+    finished (state ``done``) in both cells, ``other − reference`` per seed, and
+    :func:`paired_comparison`'s mean, 95 % t-interval, sign count and verdict.  One dict per cell, in
+    :func:`aggregate_ablation`'s order: ``{"values", "comparison"}`` (``comparison`` None when no
+    seed is shared)."""
+    def key(values: Sequence[Any]) -> tuple:
+        return tuple(_value_key(v) for v in values)
+
+    by_cell: dict[tuple, dict[Any, float]] = {}
+    for r in records:
+        x = _number(_metrics(r).get(metric))
+        if r.get("state") == "done" and x is not None:
+            by_cell.setdefault(key([r["params"][k] for k in knobs]), {})[r["params"].get("seed")] = x
+    ref = by_cell.get(key(reference), {})
+    out = []
+    for cell in aggregate_ablation(records, knobs, []):
+        if key(cell["values"]) == key(reference):
+            continue
+        other = by_cell.get(key(cell["values"]), {})
+        seeds = [s for s in ref if s in other]
+        comparison = paired_comparison([ref[s] for s in seeds], [other[s] for s in seeds]) if seeds else None
+        out.append({"values": cell["values"], "comparison": comparison})
+    return out
+
+
 def write_ablation_report(
-    records: Sequence[dict], knobs: list[str], metric: str, out_dir: str | Path, log_keys: Collection[str] = ()
+    records: Sequence[dict], knobs: list[str], metric: str, out_dir: str | Path, log_keys: Collection[str] = (),
+    reference: Sequence[Any] | None = None,
 ) -> dict[str, Path]:
     """Write ``ablation.csv``, ``ablation.md`` and ``ablation.png`` for a grid of knob values × seeds.
 
@@ -328,6 +388,9 @@ def write_ablation_report(
         metric: the ablation's chosen metric (e.g. ``"test_acc"``).
         out_dir: folder to write into (created if needed).
         log_keys: knobs declared on a log scale (their axis is logarithmic whatever the grid).
+        reference: the grid cell (a value per knob) every other cell is compared with, paired by
+            seed (:func:`paired_cells`): ``vs_ref_*`` columns in the CSV and a "Paired against"
+            table in the Markdown.
 
     Returns:
         ``{"csv": path, "md": path, "png": path}``.
@@ -340,12 +403,22 @@ def write_ablation_report(
     cells = aggregate_ablation(records, knobs, metrics)
 
     headers = [*knobs, "n"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
+    paired = {tuple(_value_key(v) for v in p["values"]): p["comparison"]
+              for p in (paired_cells(records, knobs, metric, reference) if reference is not None else [])}  # fmt: skip
+    if reference is not None:
+        headers += ["vs_ref_n", "vs_ref_mean", "vs_ref_lo", "vs_ref_hi", "vs_ref_wins", "vs_ref_verdict"]
     csv_rows = []
     for c in cells:
         row = [*c["values"], c["n"]]
         for m in metrics:
             mean, std, _ = c["stats"][m]
             row += [_csv_value(mean), _csv_value(std)]
+        if reference is not None:
+            p = paired.get(tuple(_value_key(v) for v in c["values"]))
+            is_ref = tuple(_value_key(v) for v in c["values"]) == tuple(_value_key(v) for v in reference)
+            row += (["reference", "", "", "", "", ""] if is_ref else ["", "", "", "", "", ""] if p is None else
+                    [p["n"], _csv_value(p["mean"]), _csv_value(p["lo"]), _csv_value(p["hi"]), p["wins"],
+                     p["verdict"]])  # fmt: skip
         csv_rows.append(row)
     paths = {"csv": _write_csv(out / "ablation.csv", headers, csv_rows)}
 
@@ -357,8 +430,23 @@ def write_ablation_report(
     title = f"# Ablation: {' × '.join(knobs)}\n\n"
     body = (f"Mean ± sample std over finished seeds (`n`); a value from one seed is marked `(n=1)` and has "
             f"no ±. {metric_note(metric)}\n\n")  # fmt: skip
+    text = title + body + markdown_table([*knobs, "n", *metrics], md_rows)
+    if reference is not None:
+        ref_name = ", ".join(f"{k} = {format_value(v)}" for k, v in zip(knobs, reference, strict=True))
+        text += (f"\n## Paired against {ref_name}\n\nEach cell's `{metric}` minus the reference's on the same seed "
+                 "(seeds finished in both): the mean difference, its 95 % t-interval, how many seeds went up, "
+                 "and the verdict read from the interval (`holds`: above 0, `does not hold`: below 0, "
+                 "`inconclusive`: it contains 0, or fewer than 2 seeds).\n\n")  # fmt: skip
+        rows = []
+        for c in cells:
+            p = paired.get(tuple(_value_key(v) for v in c["values"]))
+            if tuple(_value_key(v) for v in c["values"]) == tuple(_value_key(v) for v in reference):
+                continue
+            rows.append([*(format_value(v) for v in c["values"]), p["n"] if p else 0,
+                         format_paired(p) if p else "no seed finished in both"])  # fmt: skip
+        text += markdown_table([*knobs, "seeds paired", f"{metric} − reference [95 % CI], seeds up: verdict"], rows)
     paths["md"] = out / "ablation.md"
-    paths["md"].write_text(title + body + markdown_table([*knobs, "n", *metrics], md_rows), encoding="utf-8")
+    paths["md"].write_text(text, encoding="utf-8")
 
     with_best = BEST_ON_VAL in metrics and metric != BEST_ON_VAL
     paths["png"] = _plot_ablation(cells, knobs, metric, with_best, out, log=True if knobs[0] in log_keys else None)
@@ -532,6 +620,7 @@ def write_study_report(
     log_keys: Collection[str] | None = None,
     budget_hours: float | None = None,
     objectives: Sequence[tuple[str, str]] | None = None,
+    spread: str | None = None,
 ) -> dict[str, Path]:
     """Write the study's trial table, per-knob scatter plots, history plot and (if possible) importances.
 
@@ -548,6 +637,9 @@ def write_study_report(
         objectives: ``(metric, mode)`` pairs of a multi-objective study: ``study.md`` gets its
             Pareto set (:func:`pareto_indices`) and ``pareto.png`` is drawn (the first objective
             against the second).
+        spread: in a study with seed repeats, the metric whose mean (``<spread>``), sample std
+            (``<spread>_std``) and seed count (``n_seeds``) get columns, and whose per-seed values get
+            a "Seeds" section (records carry ``seeds``, :func:`raykd.tune.records.seed_records`).
 
     Returns:
         Paths by key: ``"csv"``, ``"md"``, ``"history"``, ``"metric_vs_<key>"`` per search key and
@@ -556,7 +648,8 @@ def write_study_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     best = best_index(records, metric, mode)  # the same trial `study status` stars and `study export` writes
-    extras = _present(records, (m for m in EXTRA_STUDY_METRICS if m != metric))
+    spread_cols = [spread, f"{spread}_std", "n_seeds", "test_acc_std"] if spread else []
+    extras = _present(records, dict.fromkeys(m for m in [*spread_cols, *EXTRA_STUDY_METRICS] if m != metric))
     costed = any(r.get("cost") for r in records)
     cost_cols = ["wall_s", "device_s"] if costed else []
     headers = ["trial_id", "state", *search_keys, "step", metric, *extras, *cost_cols]
@@ -587,6 +680,8 @@ def write_study_report(
     md_rows = [["*" if i == best else "", *md_row(raw[i])] for i in order]
     text = f"# Study trials ({metric}, {mode})\n\n`*` = best trial. {metric_note(metric)}\n\n"
     text += markdown_table(["best", *headers], md_rows)
+    if spread:
+        text += seeds_section(records, [records[i] for i in order], spread, metric)
     if costed:
         text += cost_section(records, budget_hours)
     if objectives and len(objectives) >= 2:
@@ -619,6 +714,26 @@ def write_study_report(
     paths["md"] = out / "study.md"
     paths["md"].write_text(text, encoding="utf-8")
     return paths
+
+
+def seeds_section(records: Sequence[dict], ordered: Sequence[dict], spread: str, metric: str) -> str:
+    """study.md's "Seeds" section of a study with repeats: each configuration's ``spread`` metric
+    on every seed (best first), its mean ± std and the figure it was ranked on."""
+    seeds = list(dict.fromkeys(seed for r in records for seed in (r.get("seeds") or {})))
+    rows = []
+    for r in ordered:
+        per_seed, m = r.get("seeds") or {}, _metrics(r)
+        cells = [format_value(per_seed[s].get(spread)) if s in per_seed and per_seed[s].get(spread) is not None
+                 else "-" for s in seeds]  # fmt: skip
+        rows.append([r.get("trial_id", ""), r.get("state", ""), *cells,
+                     format_mean_std(_number(m.get(spread)), _number(m.get(f"{spread}_std")), n=m.get("n_seeds")),
+                     *([format_value(m.get(metric))] if metric != spread else [])])  # fmt: skip
+    ranked_on = [metric] if metric != spread else []
+    text = (f"\n## Seeds\n\nEach configuration was trained with seeds {', '.join(seeds)} (each sets `train.seed` and "
+            f"`data.seed`); `{spread}` of each seed's latest evaluation, the mean ± sample std at the last step "
+            f"every seed reached, and the figure trials are ranked on ({metric}).\n\n")  # fmt: skip
+    return text + markdown_table(["trial_id", "state", *(f"seed {s}" for s in seeds), "mean ± std (n)",
+                                  *ranked_on], rows)  # fmt: skip
 
 
 def cost_section(records: Sequence[dict], budget_hours: float | None = None) -> str:

@@ -389,3 +389,29 @@ def test_ablation_names_the_seed_count_of_each_point(tmp_path, monkeypatch):
     (fig,) = figs.saved["ablation.png"]
     assert sorted(fig["texts"]) == ["n=1", "n=1", "n=2", "n=2"]
     assert report.format_mean_std(0.85, None, n=1) == "0.8500 (n=1)"
+
+
+def test_ablation_cells_are_paired_by_seed_against_the_reference(tmp_path):
+    k = "method.threshold"
+    ref = [0.60, 0.62, 0.58, 0.61, 0.59]
+    up = [0.63, 0.66, 0.60, 0.65, 0.62]  # +0.03, +0.04, +0.02, +0.04, +0.03 on the same seeds
+    recs = [_rec(f"r{s}", "done", {k: 0.95, "seed": s}, test_acc=v) for s, v in enumerate(ref)]
+    recs += [_rec(f"u{s}", "done", {k: 0.8, "seed": s}, test_acc=v) for s, v in enumerate(up)]
+    # a cell whose only finished seed the reference lacks: nothing to pair
+    recs += [_rec("x", "done", {k: 0.7, "seed": 9}, test_acc=0.5), _rec("y", "error", {k: 0.7, "seed": 0})]
+    cells = report.paired_cells(recs, [k], "test_acc", [0.95])
+    assert [c["values"] for c in cells] == [(0.7,), (0.8,)]  # every cell but the reference, in grid order
+    assert cells[0]["comparison"] is None
+    c = cells[1]["comparison"]
+    assert c["n"] == 5 and c["diffs"] == pytest.approx([0.03, 0.04, 0.02, 0.04, 0.03])
+    assert c["mean"] == pytest.approx(0.032)
+    # 0.032 ± t(0.975, 4) · 0.008367 / √5 = 0.032 ± 2.776445 · 0.003742
+    assert (c["lo"], c["hi"]) == pytest.approx((0.032 - 0.010388, 0.032 + 0.010388), abs=1e-5)
+    assert (c["wins"], c["verdict"]) == (5, "holds")
+    paths = report.write_ablation_report(recs, [k], "test_acc", tmp_path, reference=[0.95])
+    rows = {r[k]: r for r in _read_csv(paths["csv"])}
+    assert rows["0.95"]["vs_ref_n"] == "reference" and rows["0.7"]["vs_ref_n"] == ""
+    assert float(rows["0.8"]["vs_ref_mean"]) == pytest.approx(0.032) and rows["0.8"]["vs_ref_verdict"] == "holds"
+    md = paths["md"].read_text()
+    assert "## Paired against method.threshold = 0.95" in md
+    assert "+0.0320 [+0.0216, +0.0424], 5/5 seeds up: holds" in md and "no seed finished in both" in md

@@ -131,6 +131,31 @@ def test_ablation_validation(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("raykd: error: grid.method.threshold:")
 
 
+@pytest.mark.parametrize(("reference", "field"), [({"method.threshold": 0.8}, "reference.method.threshold"),
+                                                  ({"train.lr": 0.1}, "reference.train.lr")])  # fmt: skip
+def test_an_ablation_reference_must_be_a_grid_cell(tmp_path, capsys, reference, field):
+    raw = {"name": "a", "base": tiny_base(), "grid": {"method.threshold": [0.7, 0.95]}, "seeds": [0],
+           "reference": reference}  # fmt: skip
+    assert main(["ablate", str(write(tmp_path, raw, "abl.yaml"))]) == 2
+    assert capsys.readouterr().err.startswith(f"raykd: error: {field}:")
+
+
+def test_the_default_reference_is_the_base_configs_value_when_the_grid_holds_it():
+    from raykd.tune.ablation import reference_cell
+    from raykd.tune.config import AblationConfig
+
+    base = tiny_base()
+    base["method"]["threshold"] = 0.95
+    abl = parse_config({"name": "a", "base": base, "grid": {"method.threshold": [0.7, 0.95]}}, AblationConfig)
+    assert reference_cell(abl) == [0.95]
+    base["method"]["threshold"] = 0.9  # not in the grid: its first value
+    abl = parse_config({"name": "a", "base": base, "grid": {"method.threshold": [0.7, 0.95]}}, AblationConfig)
+    assert reference_cell(abl) == [0.7]
+    abl = parse_config({"name": "a", "base": base, "grid": {"method.threshold": [0.7, 0.95]},
+                        "reference": {"method.threshold": 0.95}}, AblationConfig)  # fmt: skip
+    assert reference_cell(abl) == [0.95]
+
+
 # --------------------------------------------------------------------------------------------
 # studies through Ray Tune
 
@@ -235,6 +260,9 @@ def test_ablation_writes_csv_markdown_and_plot(tmp_path, ray_local, capsys):
     assert seeds == {0, 1}  # each seed sets the labeled split too
     assert (d / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "±" in (d / "ablation.md").read_text()
+    # every cell against the reference (the base's threshold, 0.95, is in the grid), paired by seed
+    assert rows[1]["vs_ref_n"] == "reference" and rows[0]["vs_ref_n"] == "2" and rows[0]["vs_ref_verdict"]
+    assert "## Paired against method.threshold = 0.95" in (d / "ablation.md").read_text()
     assert main(["report", str(d)]) == 0
 
 

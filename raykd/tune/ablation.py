@@ -7,7 +7,8 @@ together (a different labeled split and initialisation per seed).  A ``teacher.r
 too (its ``data.seed`` and ``train.seed``): the driver trains one teacher per seed, before any trial,
 so a student never distils from a teacher that saw another split's labels.  A ``teacher.checkpoint``
 is the same fixed teacher for every seed.  Running the same command again after an interruption
-resumes the grid; finished trials are kept.
+resumes the grid; finished trials are kept.  Every cell is also compared with a reference cell
+(``reference``, default the base config's values), paired by seed, in the tables.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from raykd.config import read_yaml
 from raykd.errors import ConfigError
 from raykd.train.preflight import preflight
 from raykd.train.runfolder import first_difference
-from raykd.train.teacher import prepare_teacher
+from raykd.tune import repeats
 from raykd.tune.config import AblationConfig, parse_ablation_file
 from raykd.tune.lock import StudyLock
 from raykd.tune.progress import NoTuneEvents, ProgressTable
@@ -35,22 +36,14 @@ from raykd.tune.storage import check_shared
 from raykd.tune.trial import make_trainable, trial_dirname
 
 ABLATION_FILE = "ablation.yaml"
-SEED_KEYS = ("train.seed", "data.seed")
-TEACHER_SEED_KEYS = ("teacher.run.train.seed", "teacher.run.data.seed")
-
-
 def seed_keys(abl: AblationConfig) -> tuple[str, ...]:
     """The dotted keys a trial's seed sets: the student's, and a ``teacher.run``'s."""
-    teacher = abl.base.teacher
-    return SEED_KEYS + (TEACHER_SEED_KEYS if teacher is not None and teacher.run is not None else ())
+    return repeats.seed_keys(abl.base)
 
 
 def prepare_teachers(abl: AblationConfig, folder: Path, address: str | None) -> dict[int, Path] | None:
     """Train (or find) every seed's teacher on the driver before the trials; None without a teacher."""
-    keys = seed_keys(abl)
-    dirs = {seed: prepare_teacher(with_params(abl.base, dict.fromkeys(keys, seed)), folder, address)
-            for seed in abl.seeds}  # fmt: skip
-    return None if all(d is None for d in dirs.values()) else dirs
+    return repeats.prepare_teachers(abl.base, abl.seeds, folder, address)
 
 
 def load_ablation(path: str | Path, storage: str | None = None) -> AblationConfig:
@@ -71,7 +64,26 @@ def check_ablation(abl: AblationConfig, address: str | None = None) -> None:
             except ConfigError as e:
                 raise ConfigError(f"grid.{key}", f"value {v!r} is invalid for {e.field}: {e.message}") from None
     check_metric(abl.base, abl.metric, field="metric")
+    for key, value in (abl.reference or {}).items():
+        if key not in abl.grid:
+            raise ConfigError(f"reference.{key}", f"is not a grid knob; give a value for each of {', '.join(abl.grid)}")
+        if value not in abl.grid[key]:
+            raise ConfigError(f"reference.{key}", f"{value!r} is not in the grid; choose one of {abl.grid[key]}")
     preflight(abl.base, address, prefix="base.")
+
+
+def reference_cell(abl: AblationConfig) -> list[Any]:
+    """The grid cell the others are compared with: ``reference``'s value of each knob, else the base
+    config's value when the grid holds it, else the knob's first grid value."""
+    raw = abl.base.model_dump(mode="json")
+    cell = []
+    for key, values in abl.grid.items():
+        node: Any = raw
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        given = (abl.reference or {}).get(key, node)
+        cell.append(given if given in values else values[0])
+    return cell
 
 
 def folder_of(abl: AblationConfig) -> Path:
@@ -91,7 +103,8 @@ def write_report(folder: Path, abl: AblationConfig) -> dict[str, Path]:
 
     knobs = list(abl.grid)
     return write_ablation_report(records(folder, abl), knobs, abl.metric, folder,
-                                 log_keys=declared_log_scaled(abl.base, knobs))  # fmt: skip
+                                 log_keys=declared_log_scaled(abl.base, knobs),
+                                 reference=reference_cell(abl))  # fmt: skip
 
 
 def run(abl: AblationConfig, address: str | None = None) -> int:

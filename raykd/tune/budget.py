@@ -3,7 +3,8 @@
 A trial's cost is its wall time (from the moment Tune starts its process until it ends, summed over
 restarts and resumes) times what it holds: **GPU-seconds** when its workers hold GPUs
 (``scaling.use_gpu``: ``num_workers × gpus_per_worker``), else **CPU-seconds**
-(``num_workers × cpus_per_worker``, plus the Train-in-Tune driver's sliver).  The study driver's
+(``num_workers × cpus_per_worker``, plus the Train-in-Tune driver's sliver); with seed repeats,
+times the seeds it runs at once (its placement group holds that many runs).  The study driver's
 :class:`CostMeter` (a Tune callback) keeps it in ``trials/<id>/cost.json``, updated at each report and
 when the trial ends, and adds ``wall_s``, ``device_s`` and ``device`` to the trial's ``result.json``.
 A study's spend is the sum over its trial folders (:func:`raykd.tune.records.study_spend`), so a
@@ -33,9 +34,10 @@ from raykd.tune.space import with_params
 __all__ = ["CostMeter", "budget_reached", "held", "spend_line"]
 
 
-def held(cfg: RunConfig) -> tuple[str, float]:
-    """``("GPU", n)`` when a trial of ``cfg`` holds GPUs, else ``("CPU", n)``: what its cost counts."""
-    need = trial_needs(cfg)
+def held(cfg: RunConfig, parallel: int | None = None) -> tuple[str, float]:
+    """``("GPU", n)`` when a trial of ``cfg`` holds GPUs, else ``("CPU", n)``: what its cost counts
+    (``parallel``: its seeds that run at once, with seed repeats)."""
+    need = trial_needs(cfg, parallel)
     if need.get("GPU", 0) > 0:
         return "GPU", float(need["GPU"])
     return "CPU", float(need.get("CPU", 0.0))
@@ -51,8 +53,9 @@ def _write_json(path: Path, record: dict[str, Any]) -> None:
 class CostMeter(Callback):
     """Tune callback of a study driver: each trial's wall time and device-seconds in its folder."""
 
-    def __init__(self, study_dir: Path, base: RunConfig, keys: list[str]):
+    def __init__(self, study_dir: Path, base: RunConfig, keys: list[str], parallel: int | None = None):
         self.study_dir, self.base, self.keys = Path(study_dir).resolve(), base.model_dump(mode="json"), keys
+        self.parallel = parallel
         self._prior: dict[str, float] = {}  # seconds of earlier attempts
         self._started: dict[str, float] = {}  # start of the current attempt
         self._held: dict[str, tuple[str, float]] = {}
@@ -71,9 +74,10 @@ class CostMeter(Callback):
         tid = trial.trial_id
         if tid not in self._held:
             try:
-                self._held[tid] = held(with_params(self.base, {k: trial.config[k] for k in self.keys}))
+                cfg = with_params(self.base, {k: trial.config[k] for k in self.keys})
+                self._held[tid] = held(cfg, getattr(self, "parallel", None))
             except Exception:  # noqa: BLE001 - an odd config must not stop the study; count the base's
-                self._held[tid] = held(RunConfig.model_validate(self.base))
+                self._held[tid] = held(RunConfig.model_validate(self.base), getattr(self, "parallel", None))
         kind, n = self._held[tid]
         wall = self._wall(tid)
         cost = {"wall_s": round(wall, 3), "device": kind, "held": n, "device_s": round(wall * n, 3)}

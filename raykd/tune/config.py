@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from raykd.config import RunConfig, Strict, expect_kind, parse_config, read_yaml
+from raykd.errors import ConfigError
 from raykd.tune.storage import check_storage
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -46,6 +47,14 @@ class TuneSettings(Strict):
         None, min_length=2, description="several metrics at once (Optuna's multi-objective TPE, a Pareto set); "
         "the first one is also tune.metric / tune.mode"
     )
+    repeats: int = Field(
+        1, ge=1, le=64, description="seeds per configuration: each trial trains its configuration k times (seed "
+        "i sets train.seed and data.seed to base.train.seed + i) and reports their aggregate"
+    )
+    aggregate: Literal["mean", "mean_minus_std", "lower_ci"] = Field(
+        "mean", description="with repeats: what the searcher and early stopping see of the seeds' values (mean; "
+        "mean one std towards worse; the worse end of the 95 % t-interval)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -54,6 +63,23 @@ class TuneSettings(Strict):
         if isinstance(objectives, list) and objectives and isinstance(objectives[0], dict):
             data = {**data, "metric": objectives[0].get("metric"), "mode": objectives[0].get("mode", "max")}
         return data
+
+    @model_validator(mode="after")
+    def _repeats(self) -> TuneSettings:
+        if self.aggregate != "mean" and self.repeats < 2:
+            raise ConfigError("tune.aggregate", f"{self.aggregate} needs a spread over seeds: set tune.repeats to 2 "
+                              "or more, or use aggregate: mean")  # fmt: skip
+        if self.repeats > 1 and self.objectives:
+            raise ConfigError("tune.repeats", "seed repeats are not supported with tune.objectives yet; drop one "
+                              "of the two (a Pareto study trains each configuration once)")  # fmt: skip
+        return self
+
+    @property
+    def selection(self) -> str:
+        """The metric trials are ranked on: ``metric``, or with repeats and a spread-aware aggregate
+        ``<metric>_<aggregate>`` (e.g. ``val_acc_mean_minus_std``); a repeated trial's ``metric`` is
+        its mean over seeds."""
+        return self.metric if self.repeats == 1 or self.aggregate == "mean" else f"{self.metric}_{self.aggregate}"
 
     @property
     def metrics(self) -> list[str]:
@@ -93,6 +119,10 @@ class AblationConfig(Strict):
     grid: dict[str, list[Any]] = Field(min_length=1, max_length=2)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     metric: str = Field("test_acc", description="metric tabulated and plotted (final evaluation)")
+    reference: dict[str, Any] | None = Field(
+        None, description="the grid cell every other one is compared with, paired by seed (a value per grid knob); "
+        "default: the base config's value of each knob when the grid holds it, else the knob's first value"
+    )
     max_concurrent: int | None = Field(None, ge=1)
     storage: str | None = None
 

@@ -10,7 +10,7 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.logger import TBXLoggerCallback
 
-from raykd.report import ranked_indices
+from raykd.report import format_mean_std, ranked_indices
 from raykd.tune.space import short_names
 
 
@@ -43,20 +43,31 @@ def _finite(v: Any) -> bool:
 def render_table(rows: list[dict[str, Any]], keys: list[str], metric: str, mode: str, steps: int) -> str:
     """A compact table: trial, state, the searched knobs (short names), step, metric; the best trial
     (by :func:`raykd.report.rank_trials`, the ranking export uses) marked ``*``; a ``cost`` column
-    (device-seconds so far, with the kind) when some row carries a ``cost`` record."""
+    (device-seconds so far, with the kind) when some row carries a ``cost`` record; with seed
+    repeats, a ``mean ± std (n)`` column (a row's ``spread``) and how many of its seeds finished."""
     names = short_names(keys)
     scored = [r for r in rows if _finite(r.get("metric"))]
     as_records = [{"state": r["state"].lower(), "metrics": {metric: r.get("metric")}} for r in rows]
     ranked = ranked_indices(as_records, metric, mode)
     best = rows[ranked[0]] if ranked else None
     costed = any(r.get("cost") for r in rows)
-    header = ["", "trial", "state", *names.values(), "step", metric, *(["cost"] if costed else [])]
+    spread = next((r["spread_of"] for r in rows if r.get("spread_of")), None) or (
+        "mean ± std (n)" if any(r.get("spread") for r in rows) else None)  # fmt: skip
+    counted = any(r.get("seeds_done") for r in rows)
+    header = ["", "trial", "state", *names.values(), "step", metric, *([spread] if spread else []),
+              *(["seeds"] if counted else []), *(["cost"] if costed else [])]  # fmt: skip
     body = []
     for r in rows:
         step, cost = r.get("step"), r.get("cost")
         body.append(["*" if r is best else "", r["trial_id"], r["state"], *(_fmt(r["params"].get(k, "")) for k in keys),
                      f"{step}/{steps}" if step is not None else "-",
                      f"{r['metric']:.4f}" if r in scored else "-"])  # fmt: skip
+        if spread:
+            mean, std, n = r.get("spread") or (None, None, None)
+            body[-1].append(format_mean_std(mean, std, n=n) if _finite(mean) else "-")
+        if counted:
+            done = r.get("seeds_done")
+            body[-1].append(f"{done[0]}/{done[1]} done" if done else "-")
         if costed:
             body[-1].append(f"{cost['device_s']:.4g} {cost.get('device', '')}-s" if cost else "-")
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
@@ -67,8 +78,10 @@ def render_table(rows: list[dict[str, Any]], keys: list[str], metric: str, mode:
 class ProgressTable(Callback):
     """Tune callback printing one line per trial event and a compact table every ``every_s`` seconds."""
 
-    def __init__(self, keys: list[str], metric: str, mode: str, steps: int, every_s: float = 20.0):
+    def __init__(self, keys: list[str], metric: str, mode: str, steps: int, every_s: float = 20.0,
+                 spread: str | None = None):  # fmt: skip
         self.keys, self.metric, self.mode, self.steps, self.every_s = keys, metric, mode, steps, every_s
+        self.spread = spread  # with seed repeats: the metric whose mean ± std over the seeds is shown
         self._rows: dict[str, dict[str, Any]] = {}
         self._last_print = 0.0
         self._dirty = False
@@ -95,6 +108,10 @@ class ProgressTable(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         row = self._row(trial)
         row["step"], row["metric"] = result.get("step"), result.get(self.metric)
+        if getattr(self, "spread", None):
+            m = self.spread
+            row["spread"] = (result.get(m), result.get(f"{m}_std"), result.get("n_seeds"))
+            row["spread_of"] = f"{m} mean ± std (n)"
         self._dirty = True
         self._print_table()
 
@@ -103,6 +120,8 @@ class ProgressTable(Callback):
         row["state"] = "done" if row.get("step") == self.steps else "stopped"
         what = "finished" if row["state"] == "done" else f"stopped early by the scheduler at step {row.get('step')}"
         value = f"{row['metric']:.4f}" if isinstance(row.get("metric"), float) else "-"
+        if row.get("spread") and _finite(row["spread"][0]):
+            value += f" ({self.spread} {format_mean_std(*row['spread'][:2], n=row['spread'][2])})"
         print(f"trial {trial.trial_id} {what}: {self.metric} {value}", flush=True)
         self._dirty = True
         self._print_table()

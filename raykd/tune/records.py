@@ -8,7 +8,10 @@ A study named N lands in ``<storage>/N/``::
                           with TensorBoard event files, inline trials' checkpoints)
     trials/<trial_id>/    one run folder per trial (raykd.train.runfolder): config.yaml,
                           progress.jsonl, result.json; cost.json (what the trial has cost so far:
-                          wall seconds and device-seconds, kept by the driver, raykd.tune.budget)
+                          wall seconds and device-seconds, kept by the driver, raykd.tune.budget);
+                          with tune.repeats, repeats.json and seeds/<seed>/ (one run folder per
+                          seed; the trial's own progress and result are their aggregate,
+                          raykd.tune.repeats)
     best.yaml             the best trial's complete run config (+ metrics and provenance)
     study.md, study_trials.csv, *.png   tables and plots (``raykd report``)
 
@@ -34,9 +37,13 @@ OPTUNA_DB = "optuna.db"
 MIRRORED_STATES = "trial_states.json"
 #: a trial's wall time and device-seconds so far (written by the driver's :class:`raykd.tune.budget.CostMeter`)
 COST_FILE = "cost.json"
+#: a trial of a study with seed repeats (raykd.tune.repeats): its seeds and aggregate, and one run folder per seed
+REPEATS_FILE = "repeats.json"
+SEEDS_DIR = "seeds"
 
-__all__ = ["COST_FILE", "MIRRORED_STATES", "OPTUNA_DB", "STUDY_FILE", "TRIALS_DIR", "TUNE_DIR", "best_trial",
-           "collect_trials", "rank_trials", "study_spend", "trial_cost"]  # fmt: skip
+__all__ = ["COST_FILE", "MIRRORED_STATES", "OPTUNA_DB", "REPEATS_FILE", "SEEDS_DIR", "STUDY_FILE", "TRIALS_DIR",
+           "TUNE_DIR", "best_trial", "collect_trials", "rank_trials", "seed_records", "study_spend",
+           "trial_cost"]  # fmt: skip
 
 
 def _dotted(raw: dict[str, Any], key: str) -> Any:
@@ -55,6 +62,24 @@ def trial_cost(trial_dir: Path) -> dict[str, Any] | None:
         return None
     ok = isinstance(cost, dict) and all(isinstance(cost.get(k), int | float) for k in ("wall_s", "device_s"))
     return cost if ok else None
+
+
+def seed_records(trial_dir: Path) -> dict[str, dict[str, Any]] | None:
+    """A repeated trial's seeds, ``{seed: {"state": ..., <last metrics>}}`` from their run folders
+    (state ``done``, ``failed`` or ``unfinished``), in seed order; None for a trial without repeats."""
+    try:
+        info = json.loads((Path(trial_dir) / REPEATS_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    out = {}
+    for seed in info.get("seeds", []) if isinstance(info, dict) else []:
+        run = RunFolder(Path(trial_dir) / SEEDS_DIR / str(seed))
+        result = run.result()
+        last = result or (run.progress() or [{}])[-1]
+        state = "done" if result is not None else "failed" if run.failure() is not None else "unfinished"
+        out[str(seed)] = {"state": state, **{k: v for k, v in last.items()
+                                             if isinstance(v, int | float) and not isinstance(v, bool)}}  # fmt: skip
+    return out
 
 
 def study_spend(study_dir: Path) -> dict[str, Any]:
@@ -100,7 +125,8 @@ def collect_trials(
     """Trial records (trial_id, state, params, metrics, history) from the trial folders, in the order
     the trials started (their config.yaml's time, then their id).
 
-    ``cost`` is the trial's ``cost.json`` (:func:`trial_cost`), or None.
+    ``cost`` is the trial's ``cost.json`` (:func:`trial_cost`), or None; ``seeds`` (a trial of a
+    study with repeats only) is :func:`seed_records`.
     state: ``done`` (reached train.steps), ``stopped`` (ended early by the scheduler), ``running``,
     ``failed`` (diverged: its ``reason`` is in the record), ``error`` (crashed), or ``interrupted``
     (the driver died or was stopped while it ran; ``raykd study resume`` continues it).
@@ -133,6 +159,8 @@ def collect_trials(
             state = {**live, "ERROR": "error", "TERMINATED": "stopped"}.get(tune_state, "interrupted")
         records.append({"trial_id": run.path.name, "state": state, "params": {k: _dotted(cfg, k) for k in keys},
                         "metrics": metrics, "history": history, "cost": trial_cost(run.path)})  # fmt: skip
+        if (seeds := seed_records(run.path)) is not None:
+            records[-1]["seeds"] = seeds
         if failure is not None:
             records[-1]["reason"] = f"diverged at step {failure.get('step')}: {failure.get('reason')}"
     return records

@@ -10,6 +10,7 @@ trials a set of nodes runs at once.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from raykd.config import RunConfig
 from raykd.errors import ConfigError
@@ -23,23 +24,36 @@ __all__ = ["DRIVER_CPU", "cluster_nodes", "concurrency", "init_ray_for", "trial_
 DRIVER_CPU = 0.01
 
 
-def trial_resources(cfg: RunConfig) -> dict[str, float]:
+def trial_resources(cfg: RunConfig, parallel: int | None = None) -> Any:
     """Resources Tune reserves for the trial process itself.
 
     Inline trials train in that process, so it gets the worker's bundle; a Train-in-Tune trial's
     process only drives the TorchTrainer (whose workers reserve their own bundles), so it asks for a
-    sliver of a CPU.
+    sliver of a CPU.  A trial of a study with seed repeats (``parallel`` seeds at once,
+    :mod:`raykd.tune.repeats`) only watches its seeds: inline, it reserves a placement group of a
+    sliver plus ``parallel`` worker bundles, where its seeds' tasks run; with DDP, the sliver (each
+    seed's Train driver and workers reserve their own).
     """
+    if parallel is not None:
+        if cfg.scaling.num_workers > 1:
+            return {"CPU": DRIVER_CPU}
+        from ray.tune import PlacementGroupFactory
+
+        return PlacementGroupFactory([{"CPU": DRIVER_CPU}] + [worker_bundle(cfg)] * parallel)
     if cfg.scaling.num_workers > 1:
         return {"CPU": DRIVER_CPU}
     return worker_bundle(cfg)
 
 
-def trial_needs(cfg: RunConfig) -> dict[str, float]:
-    """Everything one running trial holds: its process plus its Train workers."""
+def trial_needs(cfg: RunConfig, parallel: int | None = None) -> dict[str, float]:
+    """Everything one running trial holds: its process plus its Train workers; with seed repeats,
+    its process plus ``parallel`` runs (each with its Train driver when DDP)."""
     n = cfg.scaling.num_workers
     need = {k: n * v for k, v in worker_bundle(cfg).items()}
     if n > 1:
+        need["CPU"] += DRIVER_CPU
+    if parallel is not None:
+        need = {k: parallel * v for k, v in need.items()}
         need["CPU"] += DRIVER_CPU
     return need
 
@@ -49,7 +63,7 @@ def _fits(have: dict[str, float], need: dict[str, float]) -> int:
     return min(math.floor(have.get(k, 0.0) / v + 1e-6) for k, v in need.items() if v > 0)
 
 
-def trials_that_fit(cfg: RunConfig, nodes: list[dict[str, float]]) -> int:
+def trials_that_fit(cfg: RunConfig, nodes: list[dict[str, float]], parallel: int | None = None) -> int:
     """How many trials of ``cfg`` run at once on ``nodes`` (each node's total resources).
 
     Inline trials (1 worker) pack per node: a node runs as many as its scarcest resource allows, e.g.
@@ -58,6 +72,8 @@ def trials_that_fit(cfg: RunConfig, nodes: list[dict[str, float]]) -> int:
     spread), so the trials that fit are the bundles that fit, divided by ``num_workers``, and never
     more than the cluster's totals allow (drivers included).
     """
+    if parallel is not None:  # a repeated configuration holds `parallel` runs (the watcher's sliver aside)
+        return trials_that_fit(cfg, nodes) // parallel
     bundle, n = worker_bundle(cfg), cfg.scaling.num_workers
     per_node = sum(_fits(node, bundle) for node in nodes)
     if n == 1:
@@ -76,6 +92,7 @@ def concurrency(
     cluster: dict[str, float],
     nodes: list[dict[str, float]] | None = None,
     joined: bool = False,
+    parallel: int | None = None,
 ) -> int:
     """How many trials run at once: what the nodes fit (:func:`~raykd.tune.trial.trials_that_fit`), capped
     by ``cap`` and the trial count.
@@ -84,13 +101,14 @@ def concurrency(
     placement group, so raykd computes the fit from everything a trial holds.  ``nodes``: each alive
     node's resources (default: the cluster's totals as one node).  ``joined`` (an existing cluster,
     which may autoscale): an explicit ``cap`` is kept even above what fits now, so that the waiting
-    trials make the autoscaler add nodes.
+    trials make the autoscaler add nodes.  ``parallel``: the seeds of one configuration that run at
+    once, in a study with seed repeats.
     """
-    fits = trials_that_fit(base, nodes if nodes is not None else [cluster])
+    fits = trials_that_fit(base, nodes if nodes is not None else [cluster], parallel)
     if joined and cap:
         return min(cap, num_trials)
     if fits < 1:
-        need = trial_needs(base)
+        need = trial_needs(base, parallel)
         have = {k: cluster.get(k, 0.0) for k in need}
         hint = "; on an autoscaling cluster set tune.max_concurrent, and trials wait for new nodes" if joined else ""
         raise ConfigError("base.scaling", f"one trial needs {need} but the cluster has {have}; lower "
@@ -106,7 +124,7 @@ def cluster_nodes() -> list[dict[str, float]]:
     return [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
 
 
-def init_ray_for(study_base: RunConfig, address: str | None) -> dict[str, float]:
+def init_ray_for(study_base: RunConfig, address: str | None, parallel: int | None = None) -> dict[str, float]:
     """Start (or join) Ray for a study; returns the cluster's resources.
 
     The dashboard stays on when trials use Train-in-Tune: without it an ASHA-stopped trial leaks its
@@ -114,7 +132,7 @@ def init_ray_for(study_base: RunConfig, address: str | None) -> dict[str, float]
     Ray 2.58).  Inline trials need no State API.
     """
     train_in_tune = study_base.scaling.num_workers > 1
-    init_ray(trial_needs(study_base)["CPU"], address, include_dashboard=train_in_tune)
+    init_ray(trial_needs(study_base, parallel)["CPU"], address, include_dashboard=train_in_tune)
     import ray
 
     return {k: float(v) for k, v in ray.cluster_resources().items()}

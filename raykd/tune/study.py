@@ -30,6 +30,7 @@ import yaml
 import raykd
 from raykd.config import RunConfig, dump_run_config, parse_config, read_yaml
 from raykd.errors import ConfigError, raykd_command
+from raykd.report import format_mean_std
 from raykd.train.preflight import preflight
 from raykd.train.runfolder import RunFolder
 from raykd.train.teacher import prepare_teacher
@@ -39,6 +40,7 @@ from raykd.tune.lock import StudyLock
 from raykd.tune.mirror import _WORKING_COPY, TrialMirror
 from raykd.tune.progress import NoTuneEvents, ProgressTable, _fmt, render_table
 from raykd.tune.records import OPTUNA_DB, STUDY_FILE, TRIALS_DIR, TUNE_DIR, collect_trials, rank_trials
+from raykd.tune.repeats import RepeatPlan, cluster_parallel, local_parallel, prepare_teachers, repeat_seeds
 from raykd.tune.resources import cluster_nodes, concurrency, init_ray_for, trials_that_fit
 from raykd.tune.space import Dist, check_metric, log_scaled, resolve_search, suggest
 from raykd.tune.storage import check_shared, is_uri, join, upload, uri_exists
@@ -77,7 +79,25 @@ def check_study(study: StudyConfig, address: str | None = None) -> dict[str, Dis
         raise ConfigError("base.teacher.run", "with a cloud URI as storage, trials on other nodes cannot read a "
                           "teacher trained on this machine; train it first (raykd train) and set "
                           "base.teacher.checkpoint to its run folder on a path every node sees")  # fmt: skip
+    if study.tune.repeats > 1 and is_uri(study.tune.storage):
+        raise ConfigError("tune.repeats", "seed repeats need tune.storage on a folder every node sees (their trial "
+                          "watches its seeds' run folders); a cloud URI is not supported with repeats yet")  # fmt: skip
     return space
+
+
+def repeat_plan(study: StudyConfig, parallel: int | None) -> RepeatPlan | None:
+    """How each trial repeats its configuration (``tune.repeats`` > 1), ``parallel`` seeds at once."""
+    t = study.tune
+    if t.repeats == 1:
+        return None
+    return RepeatPlan(tuple(repeat_seeds(study.base, t.repeats)), parallel or 1, t.metric, t.mode, t.aggregate)
+
+
+def _teachers(study: StudyConfig, plan: RepeatPlan | None, study_dir: Path, address: str | None):
+    """The study's teacher (trained once, before any trial), or one per seed with repeats."""
+    if plan is None:
+        return prepare_teacher(study.base, study_dir, address)
+    return prepare_teachers(study.base, list(plan.seeds), study_dir, address)
 
 
 def study_dir_of(study: StudyConfig) -> Path:
@@ -104,8 +124,9 @@ def build_tuner(
     space: dict[str, Dist],
     study_dir: Path,
     max_concurrent: int,
-    teacher_dir: Path | None,
+    teacher_dir: Path | dict[int, Path] | None,
     remote: str | None = None,
+    plan: RepeatPlan | None = None,
 ):
     import optuna
 
@@ -118,22 +139,24 @@ def build_tuner(
     t = study.tune
     searcher = RaykdOptunaSearch(
         space=functools.partial(suggest, space=space), seed=t.seed,
-        metric=t.metrics if t.objectives else t.metric, mode=t.modes if t.objectives else t.mode,
+        metric=t.metrics if t.objectives else t.selection, mode=t.modes if t.objectives else t.mode,
         storage=optuna.storages.RDBStorage(f"sqlite:///{(study_dir / OPTUNA_DB).resolve()}"), study_name=study.name,
         study_dir=study_dir, budget_hours=t.budget_hours,
     )  # fmt: skip
     if t.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", metric=t.metric, mode=t.mode, max_t=num_evals(study.base),
+        scheduler = ASHAScheduler(time_attr="epoch", metric=t.selection, mode=t.mode, max_t=num_evals(study.base),
                                   grace_period=t.grace_period, reduction_factor=t.reduction_factor)  # fmt: skip
     else:
         scheduler = FIFOScheduler()
-    callbacks: list = [ProgressTable(list(study.search), t.metric, t.mode, study.base.train.steps), NoTuneEvents(),
-                       CostMeter(study_dir, study.base, list(study.search))]  # fmt: skip
+    parallel = plan.parallel if plan else None
+    callbacks: list = [ProgressTable(list(study.search), t.selection, t.mode, study.base.train.steps,
+                                     spread=t.metric if plan else None), NoTuneEvents(),
+                       CostMeter(study_dir, study.base, list(study.search), parallel)]  # fmt: skip
     if remote is not None:
         callbacks.append(TrialMirror(study_dir, remote, study.base, list(study.search)))
     return tune.Tuner(
         make_trainable(study.base, list(study.search), study_dir, teacher_dir=teacher_dir, remote=remote,
-                       watched=(study.tune.metric,)),
+                       watched=(study.tune.metric,), repeats=plan),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=t.num_samples,
                                     max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
@@ -143,12 +166,6 @@ def build_tuner(
             callbacks=callbacks,
         ),
     )  # fmt: skip
-
-
-def _trial_dirname(trial) -> str:
-    return trial.trial_id
-
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,9 +195,9 @@ def export(study_dir: Path, out: Path, top_k: int = 1, force: bool = False) -> l
         raise ConfigError("--top-k", f"{top_k} exports nothing; use 1 or more")
     study = read_study(study_dir)
     t = study.tune
-    ranked = rank_trials(collect_trials(study_dir, list(study.search), study.base.train.steps), t.metric, t.mode)
+    ranked = rank_trials(collect_trials(study_dir, list(study.search), study.base.train.steps), t.selection, t.mode)
     if not ranked:
-        raise ConfigError(str(study_dir), f"no trial has reported {t.metric} yet; nothing to export")
+        raise ConfigError(str(study_dir), f"no trial has reported {t.selection} yet; nothing to export")
     targets = [out if rank == 1 else out.with_name(f"{out.stem}_top{rank}{out.suffix}")
                for rank in range(1, min(top_k, len(ranked)) + 1)]  # fmt: skip
     for path in targets:
@@ -200,14 +217,23 @@ def export(study_dir: Path, out: Path, top_k: int = 1, force: bool = False) -> l
         m = rec["metrics"]
         cfg.provenance = {
             "study": study.name, "study_dir": str(study_dir.resolve()), "trial_id": rec["trial_id"], "rank": rank,
-            "state": rec["state"], "selected_on": t.metric, "mode": t.mode,
-            "metrics": {k: m[k] for k in ("step", t.metric, "val_acc", "test_acc", "best_val_acc",
-                                          "test_acc_at_best_val", "mask_rate", "pseudo_acc") if k in m},
+            "state": rec["state"], "selected_on": t.selection, "mode": t.mode,
+            "metrics": {k: m[k] for k in ("step", t.selection, t.metric, f"{t.metric}_std", "n_seeds", "val_acc",
+                                          "test_acc", "test_acc_std", "best_val_acc", "test_acc_at_best_val",
+                                          "mask_rate", "pseudo_acc") if k in m},
             "params": rec["params"], "seed": cfg.train.seed, "raykd_version": raykd.__version__,
             "git_commit": _git_commit(), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }  # fmt: skip
+        seeds = rec.get("seeds")
+        if seeds is not None:  # every seed's result: the figure above is their aggregate
+            cfg.provenance["repeats"] = {"aggregate": t.aggregate, "seeds": [
+                {"seed": int(seed), "state": r["state"],
+                 **{k: r[k] for k in ("step", t.metric, "val_acc", "test_acc", "test_acc_at_best_val") if k in r}}
+                for seed, r in seeds.items()]}  # fmt: skip
+        note = (f"; trained with seeds {', '.join(seeds)}: this file is seed {cfg.train.seed}'s run, the metrics "
+                "in its provenance are over all of them" if seeds else "")  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{_export_header(study.name)}trial {rec['trial_id']} (rank {rank}); "
+        path.write_text(f"{_export_header(study.name)}trial {rec['trial_id']} (rank {rank}{note}); "
                         f"re-run with: raykd train {path}\n" + dump_run_config(cfg))  # fmt: skip
         paths.append(path)
     return paths
@@ -260,15 +286,16 @@ def status_text(study_dir: Path) -> str:
     t = study.tune
     records = collect_trials(study_dir, list(study.search), study.base.train.steps)
     rows = [{"trial_id": r["trial_id"], "state": r["state"], "params": r["params"], "step": r["metrics"].get("step"),
-             "metric": r["metrics"].get(t.metric), "cost": r.get("cost")} for r in records]  # fmt: skip
+             "metric": r["metrics"].get(t.selection), "cost": r.get("cost"), **_spread(r, t.metric)}
+            for r in records]  # fmt: skip
     done = sum(r["state"] == "done" for r in records)
     holder = StudyLock(study_dir).holder()
     running = f"running ({holder})" if holder else "no driver running"
     head = (f"study {study.name}: {len(records)}/{t.num_samples} trials started, {done} finished, {running}; "
-            f"best by {t.metric}")  # fmt: skip
+            f"best by {t.selection}" + (f" over {t.repeats} seeds per configuration" if t.repeats > 1 else ""))
     if not rows:
         return head + "\n(no trial has started yet)"
-    lines = [head, render_table(rows, list(study.search), t.metric, t.mode, study.base.train.steps)]
+    lines = [head, render_table(rows, list(study.search), t.selection, t.mode, study.base.train.steps)]
     lines.append(spend_line(study_dir, t.budget_hours, held(study.base)[0]))
     if (reached := budget_reached(study_dir, t.budget_hours)) is not None:
         lines.append(f"{reached}: no new trial starts")
@@ -277,6 +304,18 @@ def status_text(study_dir: Path) -> str:
         lines.append(f"interrupted trials continue from their latest checkpoint with: {raykd_command()} study resume "
                      f"{study_dir}")  # fmt: skip
     return "\n".join(lines)
+
+
+def _spread(record: dict, metric: str) -> dict:
+    """A repeated trial's ``spread`` for the table: ``(mean, std, n)`` of ``metric`` over the seeds
+    that reached its last reported step, and ``seeds_done`` ``(finished, k)``."""
+    seeds = record.get("seeds")
+    if seeds is None:
+        return {}
+    m = record["metrics"]
+    done = sum(r["state"] == "done" for r in seeds.values())
+    return {"spread": (m.get(metric), m.get(f"{metric}_std"), m.get("n_seeds")), "seeds_done": (done, len(seeds)),
+            "spread_of": f"{metric} mean ± std (n)"}
 
 
 def read_study(study_dir: Path) -> StudyConfig:
@@ -297,10 +336,11 @@ def write_report(study_dir: Path, records: list[dict] | None = None) -> dict[str
         log_keys = log_scaled(resolve_search(study))
     except ConfigError:  # a folder written by another raykd version: let the values decide
         log_keys = None
-    return write_study_report(records, list(study.search), t.metric, t.mode, study_dir,
+    return write_study_report(records, list(study.search), t.selection, t.mode, study_dir,
                               optuna_storage=f"sqlite:///{db.resolve()}" if db.exists() else None,
                               study_name=study.name, log_keys=log_keys, budget_hours=t.budget_hours,
-                              objectives=_objectives(study))  # fmt: skip
+                              objectives=_objectives(study),
+                              spread=t.metric if t.repeats > 1 else None)  # fmt: skip
 
 
 def _objectives(study: StudyConfig) -> list[tuple[str, str]] | None:
@@ -315,7 +355,7 @@ def _finish(study: StudyConfig, study_dir: Path, wall: float) -> int:
     crashed trials returns 1 (after exporting the best finished trial); diverged trials are listed."""
     t = study.tune
     records = collect_trials(study_dir, list(study.search), study.base.train.steps, driver_alive=False)
-    ranked = rank_trials(records, t.metric, t.mode)
+    ranked = rank_trials(records, t.selection, t.mode)
     try:
         write_report(study_dir, records)
     except Exception as e:  # noqa: BLE001 - a plot must not hide the study's result
@@ -343,13 +383,17 @@ def _finish(study: StudyConfig, study_dir: Path, wall: float) -> int:
               f"{study_dir}` shows them)", file=sys.stderr)  # fmt: skip
         return 130
     if not ranked:
-        print(f"no trial reported {t.metric}; see {study_dir / TUNE_DIR} for errors", file=sys.stderr)
+        print(f"no trial reported {t.selection}; see {study_dir / TUNE_DIR} for errors", file=sys.stderr)
         return 1
     best = ranked[0]
     m = best["metrics"]
     extra = f" (test_acc {m['test_acc']:.4f})" if "test_acc" in m and t.metric != "test_acc" else ""
+    if t.repeats > 1:
+        extra = (f" ({t.metric} {format_mean_std(m.get(t.metric), m.get(f'{t.metric}_std'), n=m.get('n_seeds'))}"
+                 + (f", test_acc {format_mean_std(m['test_acc'], m.get('test_acc_std'))}" if "test_acc" in m
+                    and t.metric != "test_acc" else "") + ")")  # fmt: skip
     print(
-        f"best trial {best['trial_id']}: {t.metric} {m[t.metric]:.4f}{extra}; "
+        f"best trial {best['trial_id']}: {t.selection} {m[t.selection]:.4f}{extra}; "
         + " ".join(f"{k}={_fmt(v)}" for k, v in best["params"].items())
     )
     (path,) = export(study_dir, study_dir / "best.yaml")
@@ -386,11 +430,14 @@ def _run_locked(study: StudyConfig, space: dict[str, Dist], study_dir: Path, rem
                 address: str | None) -> int:  # fmt: skip
     print("starting Ray…" if not (address or os.environ.get("RAY_ADDRESS")) else f"joining Ray at "
           f"{address or os.environ['RAY_ADDRESS']}…", flush=True)  # fmt: skip
-    cluster = init_ray_for(study.base, address)
+    t = study.tune
     joined = bool(address or os.environ.get("RAY_ADDRESS"))
+    local = local_parallel(study.base, t.repeats) if t.repeats > 1 and not joined else None
+    cluster = init_ray_for(study.base, address, local)
     nodes = cluster_nodes()
-    max_conc = concurrency(study.base, study.tune.num_samples, study.tune.max_concurrent, cluster, nodes, joined)
-    fits_now = trials_that_fit(study.base, nodes)
+    parallel = None if t.repeats == 1 else local or cluster_parallel(study.base, t.repeats, nodes)
+    max_conc = concurrency(study.base, t.num_samples, t.max_concurrent, cluster, nodes, joined, parallel)
+    fits_now = trials_that_fit(study.base, nodes, parallel)
     if max_conc > fits_now:
         print(f"note: the cluster fits {fits_now} trial(s) now; up to {max_conc} start as the autoscaler adds nodes",
               flush=True)  # fmt: skip
@@ -399,7 +446,7 @@ def _run_locked(study: StudyConfig, space: dict[str, Dist], study_dir: Path, rem
     _WORKING_COPY[study.name] = study_dir.resolve()
     (study_dir / STUDY_FILE).write_text(yaml.safe_dump(study.model_dump(mode="json", exclude={"base": {"provenance"}}),
                                                        sort_keys=False))  # fmt: skip
-    b, t = study.base, study.tune
+    b = study.base
     print(f"raykd study {study.name}: {t.num_samples} trials of {b.method.name} on {b.data.name}, searching "
           f"{', '.join(f'{k} {d.describe()}' for k, d in space.items())}", flush=True)  # fmt: skip
     print(
@@ -409,10 +456,15 @@ def _run_locked(study: StudyConfig, space: dict[str, Dist], study_dir: Path, rem
         + (f" (copied to {remote}; Ray's experiment and checkpoints are written there)" if remote else ""),
         flush=True,
     )
+    plan = repeat_plan(study, parallel)
+    if plan is not None:
+        print(f"  each configuration is trained with {t.repeats} seeds ({', '.join(map(str, plan.seeds))}; each sets "
+              f"train.seed and data.seed), {plan.parallel} at a time; the searcher and the scheduler see "
+              f"{t.selection} over the seeds", flush=True)  # fmt: skip
     started = time.time()
-    teacher_dir = prepare_teacher(study.base, study_dir, address)
+    teacher_dir = _teachers(study, plan, study_dir, address)
     print(f"waiting for the first {min(max_conc, t.num_samples)} trial(s) to start…", flush=True)
-    build_tuner(study, space, study_dir, max_conc, teacher_dir, remote).fit()
+    build_tuner(study, space, study_dir, max_conc, teacher_dir, remote, plan).fit()
     return _finish_and_sync(study, study_dir, remote, time.time() - started)
 
 
@@ -481,7 +533,8 @@ def resume(study_dir: Path, address: str | None = None) -> int:
         if len(ended) >= study.tune.num_samples:
             from raykd.tune.search import rebuild_optuna
 
-            rebuild_optuna(f"sqlite:///{db.resolve()}", study.name, study.tune.metric, study.tune.mode, space, records)
+            rebuild_optuna(f"sqlite:///{db.resolve()}", study.name, study.tune.selection, study.tune.mode, space,
+                           records)  # fmt: skip
             print(f"study {study.name} had finished; {OPTUNA_DB} was missing and is rebuilt from its {len(records)} "
                   f"trial folders: {db}", flush=True)  # fmt: skip
             return 0
@@ -506,16 +559,25 @@ def _resume_locked(study: StudyConfig, study_dir: Path, remote: str | None, tune
     from ray import tune
 
     print("starting Ray…" if not (address or os.environ.get("RAY_ADDRESS")) else "joining Ray…", flush=True)
-    init_ray_for(study.base, address)
+    t = study.tune
+    joined = bool(address or os.environ.get("RAY_ADDRESS"))
+    local = local_parallel(study.base, t.repeats) if t.repeats > 1 and not joined else None
+    init_ray_for(study.base, address, local)
+    parallel = None if t.repeats == 1 else local or cluster_parallel(study.base, t.repeats, cluster_nodes())
+    plan = repeat_plan(study, parallel)
     if remote is None:
         check_shared(study_dir)
     _WORKING_COPY[study.name] = study_dir.resolve()
     done = [r["trial_id"] for r in records if r["state"] == "done"]
     print(f"resuming study {study.name} in {study_dir}: {len(done)} finished trial(s) kept", flush=True)
     started = time.time()
-    teacher_dir = prepare_teacher(study.base, study_dir, address)  # cached: found, not retrained
+    if plan is not None:
+        seeds_done = sum(r["state"] == "done" for rec in records for r in (rec.get("seeds") or {}).values())
+        print(f"  {seeds_done} finished seed run(s) kept; the others continue from their latest checkpoint",
+              flush=True)  # fmt: skip
+    teacher_dir = _teachers(study, plan, study_dir, address)  # cached: found, not retrained
     trainable = make_trainable(study.base, list(study.search), study_dir, teacher_dir=teacher_dir, remote=remote,
-                               watched=(study.tune.metric,))  # fmt: skip
+                               watched=(study.tune.metric,), repeats=plan)  # fmt: skip
     tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True,
                                resume_errored=True)  # fmt: skip
     tuner.fit()

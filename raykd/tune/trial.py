@@ -14,6 +14,9 @@ Each trial's folder ``<study>/trials/<trial_id>/`` is a run folder like ``raykd 
 Train-in-Tune trials; inline trials' checkpoints are Tune's, under ``<study>/tune/<trial_id>/``).
 A trial whose ``result.json`` exists is never trained again: it re-reports its result and returns.
 ``result.json`` also records ``node_id``, the Ray node that ran rank 0 (inline: the trial process).
+
+With seed repeats (``tune.repeats``), a trial instead runs its configuration once per seed as Ray
+tasks and reports their aggregate (:mod:`raykd.tune.repeats`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from raykd.config import RunConfig
 from raykd.train.runfolder import RunFolder
 from raykd.train.trainer import raise_if_diverged
 from raykd.tune.records import TRIALS_DIR
+from raykd.tune.repeats import RepeatedTrial, RepeatPlan
 from raykd.tune.resources import trial_resources
 from raykd.tune.space import with_params
 from raykd.tune.storage import join, node_local_root
@@ -120,13 +124,16 @@ def make_trainable(
     teacher_dir: Path | dict[int, Path] | None = None,
     remote: str | None = None,
     watched: tuple[str, ...] = (),
+    repeats: RepeatPlan | None = None,
 ):
     """The Tune trainable of a study (``keys`` = the searched knobs) or an ablation (the grid knobs;
     the trial's ``seed`` param goes to every key of ``seed_keys``), with the trial's resources.  The
     teacher, if any, was trained by the driver beforehand (``teacher_dir``, or one per seed); trials
     only load it.  With ``remote`` (cloud storage ``<uri>/<name>``) a trial writes its run folder in a
     scratch folder of its node and its Train checkpoints to ``<remote>/trials/<id>``.  ``watched``:
-    metrics that must stay finite (the study's metric); a trial that diverges fails."""
+    metrics that must stay finite (the study's metric); a trial that diverges fails.  ``repeats``: each
+    trial trains its configuration with several seeds and reports their aggregate
+    (:mod:`raykd.tune.repeats`; the teachers are then one per seed)."""
     from ray import tune
 
     root, raw, name = str(study_dir.resolve()), base.model_dump(mode="json"), study_dir.name
@@ -140,7 +147,10 @@ def make_trainable(
         params.update({k: config["seed"] for k in seed_keys})
         trial_id = tune.get_context().get_trial_id()
         teacher = teachers.get(config.get("seed"), teachers.get(None))
-        if remote is None:
+        if repeats is not None:
+            trial_dir = Path(root) / TRIALS_DIR / trial_id
+            RepeatedTrial(with_params(raw, params), trial_dir, repeats, teachers, watched).run()
+        elif remote is None:
             run_trial(with_params(raw, params), Path(root) / TRIALS_DIR / trial_id, teacher_dir=teacher,
                       watched=watched)  # fmt: skip
         else:  # the driver rebuilds the trial folder from Tune's results; this node's copy is scratch
@@ -149,7 +159,7 @@ def make_trainable(
                       train_storage=join(remote, TRIALS_DIR, trial_id), watched=watched)  # fmt: skip
             shutil.rmtree(scratch, ignore_errors=True)
 
-    return tune.with_resources(raykd_trial, trial_resources(base))
+    return tune.with_resources(raykd_trial, trial_resources(base, repeats.parallel if repeats else None))
 
 
 def trial_dirname(trial) -> str:
