@@ -722,16 +722,16 @@ def seeds_section(records: Sequence[dict], ordered: Sequence[dict], spread: str,
     seeds = list(dict.fromkeys(seed for r in records for seed in (r.get("seeds") or {})))
     rows = []
     for r in ordered:
-        per_seed, m = r.get("seeds") or {}, _metrics(r)
-        cells = [format_value(per_seed[s].get(spread)) if s in per_seed and per_seed[s].get(spread) is not None
-                 else "-" for s in seeds]  # fmt: skip
+        m = _metrics(r)
+        at_step = m.get("seed_values") if isinstance(m.get("seed_values"), dict) else {}
+        cells = [format_value(at_step[s]) if at_step.get(s) is not None else "-" for s in seeds]
         rows.append([r.get("trial_id", ""), r.get("state", ""), *cells,
                      format_mean_std(_number(m.get(spread)), _number(m.get(f"{spread}_std")), n=m.get("n_seeds")),
                      *([format_value(m.get(metric))] if metric != spread else [])])  # fmt: skip
     ranked_on = [metric] if metric != spread else []
     text = (f"\n## Seeds\n\nEach configuration was trained with seeds {', '.join(seeds)} (each sets `train.seed` and "
-            f"`data.seed`); `{spread}` of each seed's latest evaluation, the mean ± sample std at the last step "
-            f"every seed reached, and the figure trials are ranked on ({metric}).\n\n")  # fmt: skip
+            f"`data.seed`); `{spread}` on each seed at the last step every seed of the configuration reached, the "
+            f"mean ± sample std there, and the figure trials are ranked on ({metric}).\n\n")  # fmt: skip
     return text + markdown_table(["trial_id", "state", *(f"seed {s}" for s in seeds), "mean ± std (n)",
                                   *ranked_on], rows)  # fmt: skip
 

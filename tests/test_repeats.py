@@ -235,3 +235,25 @@ def test_a_killed_study_with_repeats_resumes_without_retraining_finished_seeds(t
                             text=True, timeout=60, env=env).stdout  # fmt: skip
     assert "val_acc mean ± std (n)" in status and "(n=3)" in status and status.count("3/3 done") == 2
     assert "## Seeds" in (d / "study.md").read_text()
+
+
+@pytest.mark.ray
+def test_repeats_train_one_teacher_per_seed_once_for_all_configurations(tmp_path, ray_local, capsys):
+    from raykd.cli import main
+
+    base = tiny_run_config("kd", train={"steps": 2, "eval_every": 2}).model_dump(mode="json", exclude={"provenance"})
+    raw = {"name": "kdrep", "base": base, "search": {"method.alpha": "default"},
+           "tune": {"num_samples": 2, "scheduler": "none", "repeats": 2}}  # fmt: skip
+    path = tmp_path / "kdrep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["study", "run", str(path), "--storage", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    d = tmp_path / "runs" / "kdrep"
+    teachers = {yaml.safe_load((f / "config.yaml").read_text())["data"]["seed"]: f
+                for f in (d / "teachers").glob("teacher-*/")}  # fmt: skip
+    assert sorted(teachers) == [0, 1] and out.count("teacher: training it first") == 2  # one per seed, once
+    for seed_cfg in d.glob("trials/*/seeds/*/config.yaml"):  # each seed distils from its own split's teacher
+        cfg = yaml.safe_load(seed_cfg.read_text())
+        seed = int(seed_cfg.parent.name)
+        assert cfg["data"]["seed"] == cfg["train"]["seed"] == cfg["teacher"]["run"]["data"]["seed"] == seed
+    assert len(list(d.glob("trials/*/seeds/*/result.json"))) == 4

@@ -5,9 +5,9 @@ Tune's import machinery): the file formats :class:`StudyConfig`, :class:`Ablatio
 commands in :mod:`raykd.tune.study` (``run``, ``resume``, ``status_text``, ``export``,
 ``write_report``) and :mod:`raykd.tune.ablation`; reading a folder (:func:`collect_trials`,
 :func:`rank_trials`, :func:`best_trial`).  Modules: ``config`` (files), ``space`` (search DSL),
-``resources`` (what fits), ``trial`` (the trainable), ``progress`` (live table), ``mirror`` (cloud
-storage), ``records`` (folder layout and reading), ``storage`` (paths and URIs), ``study`` and
-``ablation`` (the commands).
+``resources`` (what fits), ``trial`` (the trainable), ``repeats`` (seeds, and seed repeats),
+``progress`` (live table), ``mirror`` (cloud storage), ``records`` (folder layout and reading),
+``storage`` (paths and URIs), ``study`` and ``ablation`` (the commands).
 """
 
 from __future__ import annotations

@@ -450,7 +450,7 @@ def _run_locked(study: StudyConfig, space: dict[str, Dist], study_dir: Path, rem
     print(f"raykd study {study.name}: {t.num_samples} trials of {b.method.name} on {b.data.name}, searching "
           f"{', '.join(f'{k} {d.describe()}' for k, d in space.items())}", flush=True)  # fmt: skip
     print(
-        f"  optimising {t.metric} ({t.mode}) with Optuna TPE (seed {t.seed}), scheduler {t.scheduler}; "
+        f"  optimising {t.selection} ({t.mode}) with Optuna TPE (seed {t.seed}), scheduler {t.scheduler}; "
         f"{max_conc} trial(s) at a time, each {b.scaling.num_workers} worker(s) "
         f"({'inline' if b.scaling.num_workers == 1 else 'Train-in-Tune, DDP'}); folder {study_dir}"
         + (f" (copied to {remote}; Ray's experiment and checkpoints are written there)" if remote else ""),
