@@ -109,7 +109,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume_note = ""
     if resuming:
         last = folder.last_step() if folder.state_files() else None
-        resume_note = (f" (resuming from its latest checkpoint, step {last})" if last is not None
+        resume_note = (f" (resuming from its latest intact checkpoint; last evaluation recorded: step {last})"
+                       if last is not None
                        else " (no checkpoint was saved yet: starting from step 0)")  # fmt: skip
     print(
         f"  run folder: {run_dir}{resume_note}; evaluating the {'EMA' if t.ema > 0 else 'raw'} model "

@@ -1,4 +1,4 @@
-"""FixMatch's unlabeled loss on hand-made logits (METHODS.md §2 and §9 invariant 1)."""
+"""FixMatch's unlabeled loss on hand-made logits (docs/methods.md, `fixmatch`)."""
 
 from __future__ import annotations
 

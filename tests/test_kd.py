@@ -1,4 +1,4 @@
-"""Teachers and vanilla KD (METHODS.md §3, §9 invariant 2): the loss on hand-made logits, the frozen
+"""Teachers and vanilla KD (docs/methods.md, `kd`): the loss on hand-made logits, the frozen
 teacher, the teacher cache, config rules."""
 
 from __future__ import annotations

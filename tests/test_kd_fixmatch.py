@@ -1,4 +1,4 @@
-"""KD-FixMatch (METHODS.md §4, §9 invariant 6): trusted-subset selection on constructed embeddings,
+"""KD-FixMatch (docs/methods.md, `kd_fixmatch`): trusted-subset selection on constructed embeddings,
 determinism, the cached table, SCE, and Heuristic 1 in a train step."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LayerMatch (METHODS.md §7, §9 invariant 4): Grad-ReLU's gradient routing (blocked, scaled, equal to
+"""LayerMatch (docs/methods.md, `layermatch`): Grad-ReLU's gradient routing (blocked, scaled, equal to
 FixMatch at scale 1, sign-gated), the Avg-Clustering memory bank on hand-made tensors, the averaged
 targets' mask, and the bank through the training loop (updated, and resumed exactly)."""
 

@@ -1,7 +1,8 @@
 """Seed repeats in a study (``tune.repeats``): the aggregate on hand-made per-seed values, ties in
 one seed broken by the aggregate, what a repeated trial holds, the checks before Ray, and (Ray) a
 digits study with 3 seeds per configuration that is killed, resumed without retraining a finished
-seed, and exported with every seed in its provenance."""
+seed, and exported with every seed in its provenance.  The driver's one-teacher-per-seed training
+is shared with ablations (raykd.tune.repeats.prepare_teachers; tested by the ablation test)."""
 
 from __future__ import annotations
 
@@ -100,6 +101,21 @@ def test_repeat_seeds_follow_the_base_seed_and_set_the_split_too():
     cfg = seeded(base, 8)
     assert (cfg.train.seed, cfg.data.seed) == (8, 8)
     assert (cfg.teacher.run.train.seed, cfg.teacher.run.data.seed) == (8, 8)  # the teacher saw this seed's split
+
+
+def test_each_seed_runs_with_its_own_teacher(tmp_path):
+    from raykd.tune.repeats import RepeatedTrial
+
+    base = tiny_run_config("kd", train={"seed": 4})
+    plan = RepeatPlan(seeds=(4, 5), parallel=1, metric="test_acc", mode="max", aggregate="mean")
+    teachers = {4: "/t/four", 5: "/t/five"}  # what make_trainable hands over: one teacher folder per seed
+    trial = RepeatedTrial(base, tmp_path / "trial", plan, teachers, watched=("test_acc",))
+    assert trial.teachers == {4: "/t/four", 5: "/t/five"}
+    assert {s: (c.train.seed, c.data.seed, c.teacher.run.data.seed) for s, c in trial.configs.items()} == {
+        4: (4, 4, 4), 5: (5, 5, 5)}  # fmt: skip
+    assert trial.seeds[5].path == tmp_path / "trial" / "seeds" / "5"
+    fixed = RepeatedTrial(base, tmp_path / "t2", plan, {None: "/t/one"}, watched=())  # a teacher.checkpoint
+    assert fixed.teachers == {4: "/t/one", 5: "/t/one"}
 
 
 def test_a_repeated_trial_holds_its_parallel_seeds():
@@ -208,8 +224,9 @@ def test_a_killed_study_with_repeats_resumes_without_retraining_finished_seeds(t
         values = [r["val_acc"] for r in per_seed]
         assert result["n_seeds"] == 3 and result["val_acc"] == pytest.approx(sum(values) / 3)
         assert result["val_acc_mean_minus_std"] == pytest.approx(seed_aggregate(values, "mean_minus_std"))
-        assert [r["data"]["seed"] for r in map(lambda s: yaml.safe_load((t / "seeds" / str(s) / "config.yaml")
-                                                                         .read_text()), (0, 1, 2))] == [0, 1, 2]
+        for s in (0, 1, 2):  # each seed: its own labeled split and initialisation
+            cfg = yaml.safe_load((t / "seeds" / str(s) / "config.yaml").read_text())
+            assert cfg["data"]["seed"] == cfg["train"]["seed"] == s
         for s in (0, 1, 2):  # no seed started over: every step once
             steps = [json.loads(x)["step"] for x in (t / "seeds" / str(s) / "progress.jsonl").read_text().splitlines()]
             assert steps == list(range(10, 101, 10)), (t.name, s, steps)
@@ -236,24 +253,3 @@ def test_a_killed_study_with_repeats_resumes_without_retraining_finished_seeds(t
     assert "val_acc mean ± std (n)" in status and "(n=3)" in status and status.count("3/3 done") == 2
     assert "## Seeds" in (d / "study.md").read_text()
 
-
-@pytest.mark.ray
-def test_repeats_train_one_teacher_per_seed_once_for_all_configurations(tmp_path, ray_local, capsys):
-    from raykd.cli import main
-
-    base = tiny_run_config("kd", train={"steps": 2, "eval_every": 2}).model_dump(mode="json", exclude={"provenance"})
-    raw = {"name": "kdrep", "base": base, "search": {"method.alpha": "default"},
-           "tune": {"num_samples": 2, "scheduler": "none", "repeats": 2}}  # fmt: skip
-    path = tmp_path / "kdrep.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    assert main(["study", "run", str(path), "--storage", str(tmp_path / "runs")]) == 0
-    out = capsys.readouterr().out
-    d = tmp_path / "runs" / "kdrep"
-    teachers = {yaml.safe_load((f / "config.yaml").read_text())["data"]["seed"]: f
-                for f in (d / "teachers").glob("teacher-*/")}  # fmt: skip
-    assert sorted(teachers) == [0, 1] and out.count("teacher: training it first") == 2  # one per seed, once
-    for seed_cfg in d.glob("trials/*/seeds/*/config.yaml"):  # each seed distils from its own split's teacher
-        cfg = yaml.safe_load(seed_cfg.read_text())
-        seed = int(seed_cfg.parent.name)
-        assert cfg["data"]["seed"] == cfg["train"]["seed"] == cfg["teacher"]["run"]["data"]["seed"] == seed
-    assert len(list(d.glob("trials/*/seeds/*/result.json"))) == 4

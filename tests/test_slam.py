@@ -1,4 +1,4 @@
-"""SLaM (METHODS.md §5, §9 invariant 5): the mixing formula on hand-made tensors (both
+"""SLaM (docs/methods.md, `slam`): the mixing formula on hand-made tensors (both
 normalisations), α/k estimation on constructed validation sets with known answers, the per-sample
 table (cached, constant per sample index across steps), and the validation split kept out of training.
 Rank agreement of α, k and the top-k mask is checked by the registry's 2-rank test (tests/test_methods.py)

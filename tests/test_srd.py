@@ -1,4 +1,4 @@
-"""SRD (METHODS.md §6, §9 invariant 3): cross-network logits go through the frozen teacher's pooling and
+"""SRD (docs/methods.md, `srd`): cross-network logits go through the frozen teacher's pooling and
 classifier; gradients reach the connector and the student, never the teacher; the distance compares
 each image with its OWN teacher logits; different architectures are bridged by the connector."""
 

@@ -33,5 +33,7 @@ def test_shipped_config_is_valid(path):
             for v in values:
                 with_params(abl.base, {key: v})
         check_metric(abl.base, abl.metric, field="metric")
+        # the paired comparison against the reference cell is read from a 95 % interval: 5 seeds or more
+        assert len(abl.seeds) >= 5, f"{path.name}: {len(abl.seeds)} seeds per cell; ship 5 or more"
     else:
         assert isinstance(parse_config(raw, RunConfig), RunConfig)

@@ -305,7 +305,7 @@ def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path):
 @pytest.mark.ray
 def test_asha_stops_two_worker_train_in_tune_trials_without_hanging(tmp_path):
     """ASHA stops Train-in-Tune trials (2 DDP workers each); their placement groups must be freed or
-    the next trial never starts (../shared/RAY.md).  The study must finish."""
+    the next trial never starts (docs/architecture.md, "Ray facts the design rests on").  The study must finish."""
     # TPE seed 11 suggests lr 0.05, then 1e-6 twice; with the same initialisation and data, a 1e-6 trial's
     # training loss over the first window is strictly higher, so ASHA stops it at the first rung.
     tune = {"num_samples": 3, "max_concurrent": 1, "scheduler": "asha", "grace_period": 1, "reduction_factor": 2}

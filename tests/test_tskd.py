@@ -1,4 +1,4 @@
-"""TSKD (METHODS.md §8, §9 invariants 2 and 7): the multi-exit wrapper's shapes on every model family,
+"""TSKD (docs/methods.md, `tskd`): the multi-exit wrapper's shapes on every model family,
 vote semantics on hand-made logits, the stop-gradient on the deepest exit, the loss terms, the frozen
 teacher, per-exit metrics, checkpoints and config rules."""
 
