@@ -269,6 +269,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Start a study. Every check runs before Ray starts; the study folder holds the trials, optuna.db, "
         "study.md and best.yaml.",
         ("raykd study run studies/quickstart.yaml",
+         "raykd study run studies/quickstart_repeats.yaml   # 3 seeds per configuration, ranked on mean - std",
          "raykd study run study.yaml --address auto --storage /mnt/nfs/raykd"),
     ),
     "study status": (

@@ -435,8 +435,8 @@ def write_ablation_report(
         ref_name = ", ".join(f"{k} = {format_value(v)}" for k, v in zip(knobs, reference, strict=True))
         text += (f"\n## Paired against {ref_name}\n\nEach cell's `{metric}` minus the reference's on the same seed "
                  "(seeds finished in both): the mean difference, its 95 % t-interval, how many seeds went up, "
-                 "and the verdict read from the interval (`holds`: above 0, `does not hold`: below 0, "
-                 "`inconclusive`: it contains 0, or fewer than 2 seeds).\n\n")  # fmt: skip
+                 "and the verdict on \"this cell beats the reference\" read from the interval (`holds`: above 0, "
+                 "`does not hold`: below 0, `inconclusive`: it contains 0, or fewer than 2 seeds).\n\n")  # fmt: skip
         rows = []
         for c in cells:
             p = paired.get(tuple(_value_key(v) for v in c["values"]))
