@@ -272,7 +272,7 @@ def test_ctrl_c_on_train_exits_130_with_the_resume_command_and_the_rerun_resumes
     assert not folder.result_path.exists() and _steps(out)[-1] < 40, "the run ended before the signal"
 
     assert main(["train", str(path), "--out", str(out)]) == 0
-    assert "resuming from its latest checkpoint" in capsys.readouterr().out
+    assert "resuming from its latest intact checkpoint" in capsys.readouterr().out
     rows = RunFolder(out).progress()
     kept = [r["step"] for r in rows if r["time"] < sent]
     again = [r["step"] for r in rows if r["time"] > sent]
