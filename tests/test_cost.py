@@ -75,3 +75,27 @@ def test_a_run_reports_its_cost_in_progress_and_result(tmp_path):
     model = seen["ctx"].raw_model
     assert len(model.exit_stages) > 1 and result["params"] == sum(p.numel() for p in model.parameters())
     assert not set(COST_METRICS) & set(metrics)  # the returned metrics are the evaluation's own
+
+
+def test_a_running_trials_cost_is_refreshed_between_its_reports(tmp_path, monkeypatch):
+    """A trial whose reports are far apart (seed repeats, long eval intervals) still has an up-to-date
+    cost.json, so a Ctrl-C or a killed driver loses at most REFRESH_S of its spend."""
+    import time
+    from types import SimpleNamespace
+
+    from raykd.tune import budget
+
+    base = tiny_run_config("fixmatch")
+    meter = budget.CostMeter(tmp_path, base, ["train.lr"], parallel=2)  # 2 seeds at once: 2 CPUs + the sliver
+    trial = SimpleNamespace(trial_id="t1", config={"train.lr": 0.01})
+    meter.on_trial_start(0, [trial], trial)
+    path = tmp_path / "trials" / "t1" / "cost.json"
+    meter.on_step_end(0, [trial])
+    assert json.loads(path.read_text())["wall_s"] < 0.05
+    time.sleep(0.2)
+    meter.on_step_end(1, [trial])  # within REFRESH_S of the last refresh: no write
+    assert json.loads(path.read_text())["wall_s"] < 0.05
+    monkeypatch.setattr(budget, "REFRESH_S", 0.0)
+    meter.on_step_end(2, [trial])
+    cost = json.loads(path.read_text())
+    assert cost["wall_s"] >= 0.2 and cost["held"] == 2.01 and cost["device_s"] == round(cost["wall_s"] * 2.01, 3)

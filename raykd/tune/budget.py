@@ -5,14 +5,15 @@ restarts and resumes) times what it holds: **GPU-seconds** when its workers hold
 (``scaling.use_gpu``: ``num_workers × gpus_per_worker``), else **CPU-seconds**
 (``num_workers × cpus_per_worker``, plus the Train-in-Tune driver's sliver); with seed repeats,
 times the seeds it runs at once (its placement group holds that many runs).  The study driver's
-:class:`CostMeter` (a Tune callback) keeps it in ``trials/<id>/cost.json``, updated at each report and
-when the trial ends, and adds ``wall_s``, ``device_s`` and ``device`` to the trial's ``result.json``.
-A study's spend is the sum over its trial folders (:func:`raykd.tune.records.study_spend`), so a
-resumed study counts what it had already spent.
+:class:`CostMeter` (a Tune callback) keeps it in ``trials/<id>/cost.json``, updated at each report,
+every :data:`REFRESH_S` seconds while the trial runs, and when it ends, and adds ``wall_s``,
+``device_s`` and ``device`` to the trial's ``result.json``.  A study's spend is the sum over its
+trial folders (:func:`raykd.tune.records.study_spend`), so a resumed study counts what it had
+already spent.
 
 With ``tune.budget_hours``, the searcher (:class:`raykd.tune.search.RaykdOptunaSearch`) starts no new
 trial once the spend reaches the budget: it answers Tune with ``Searcher.FINISHED``; running trials
-finish.  A running trial counts up to its last report.
+finish.  A running trial counts up to its last refresh (at most :data:`REFRESH_S` behind).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from raykd.tune.resources import trial_needs
 from raykd.tune.space import with_params
 
 __all__ = ["CostMeter", "budget_reached", "held", "spend_line"]
+
+#: how often (seconds) the driver refreshes every running trial's ``cost.json`` between its reports
+REFRESH_S = 10.0
 
 
 def held(cfg: RunConfig, parallel: int | None = None) -> tuple[str, float]:
@@ -104,6 +108,18 @@ class CostMeter(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if trial.trial_id in self._started:
             self._write(trial)
+
+    def on_step_end(self, iteration, trials, **info):
+        """Between reports too (every :data:`REFRESH_S`): a trial whose reports are far apart (long
+        evaluation intervals; seed repeats, which report once every seed reached a step) loses at
+        most that much of its cost when the driver is stopped."""
+        now = time.time()
+        if now - getattr(self, "_refreshed", 0.0) < REFRESH_S:
+            return
+        self._refreshed = now
+        for trial in trials:
+            if trial.trial_id in self._started:
+                self._write(trial)
 
     def _end(self, trial) -> None:
         if trial.trial_id not in self._started:
