@@ -40,21 +40,22 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def render_table(rows: list[dict[str, Any]], keys: list[str], metric: str, mode: str, steps: int) -> str:
+def render_table(rows: list[dict[str, Any]], keys: list[str], metric: str, mode: str, steps: int,
+                 spread: str | None = None) -> str:  # fmt: skip
     """A compact table: trial, state, the searched knobs (short names), step, metric; the best trial
     (by :func:`raykd.report.rank_trials`, the ranking export uses) marked ``*``; a ``cost`` column
     (device-seconds so far, with the kind) when some row carries a ``cost`` record; with seed
-    repeats, a ``mean ± std (n)`` column (a row's ``spread``) and how many of its seeds finished."""
+    repeats (``spread``: the metric averaged over the seeds), a ``<spread> mean ± std (n)`` column
+    (a row's ``spread``) and, when rows carry ``seeds_done``, how many of its seeds finished."""
     names = short_names(keys)
     scored = [r for r in rows if _finite(r.get("metric"))]
     as_records = [{"state": r["state"].lower(), "metrics": {metric: r.get("metric")}} for r in rows]
     ranked = ranked_indices(as_records, metric, mode)
     best = rows[ranked[0]] if ranked else None
     costed = any(r.get("cost") for r in rows)
-    spread = next((r["spread_of"] for r in rows if r.get("spread_of")), None) or (
-        "mean ± std (n)" if any(r.get("spread") for r in rows) else None)  # fmt: skip
+    spread_col = f"{spread} mean ± std (n)" if spread else None
     counted = any(r.get("seeds_done") for r in rows)
-    header = ["", "trial", "state", *names.values(), "step", metric, *([spread] if spread else []),
+    header = ["", "trial", "state", *names.values(), "step", metric, *([spread_col] if spread_col else []),
               *(["seeds"] if counted else []), *(["cost"] if costed else [])]  # fmt: skip
     body = []
     for r in rows:
@@ -62,7 +63,7 @@ def render_table(rows: list[dict[str, Any]], keys: list[str], metric: str, mode:
         body.append(["*" if r is best else "", r["trial_id"], r["state"], *(_fmt(r["params"].get(k, "")) for k in keys),
                      f"{step}/{steps}" if step is not None else "-",
                      f"{r['metric']:.4f}" if r in scored else "-"])  # fmt: skip
-        if spread:
+        if spread_col:
             mean, std, n = r.get("spread") or (None, None, None)
             body[-1].append(format_mean_std(mean, std, n=n) if _finite(mean) else "-")
         if counted:
@@ -95,7 +96,8 @@ class ProgressTable(Callback):
     def _print_table(self, force: bool = False) -> None:
         if not self._rows or not (force or (self._dirty and time.time() - self._last_print >= self.every_s)):
             return
-        print(render_table(list(self._rows.values()), self.keys, self.metric, self.mode, self.steps), flush=True)
+        print(render_table(list(self._rows.values()), self.keys, self.metric, self.mode, self.steps,
+                           getattr(self, "spread", None)), flush=True)  # fmt: skip
         self._last_print, self._dirty = time.time(), False
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -111,7 +113,6 @@ class ProgressTable(Callback):
         if getattr(self, "spread", None):
             m = self.spread
             row["spread"] = (result.get(m), result.get(f"{m}_std"), result.get("n_seeds"))
-            row["spread_of"] = f"{m} mean ± std (n)"
         self._dirty = True
         self._print_table()
 

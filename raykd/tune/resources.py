@@ -34,14 +34,12 @@ def trial_resources(cfg: RunConfig, parallel: int | None = None) -> Any:
     sliver plus ``parallel`` worker bundles, where its seeds' tasks run; with DDP, the sliver (each
     seed's Train driver and workers reserve their own).
     """
+    if cfg.scaling.num_workers > 1:
+        return {"CPU": DRIVER_CPU}
     if parallel is not None:
-        if cfg.scaling.num_workers > 1:
-            return {"CPU": DRIVER_CPU}
         from ray.tune import PlacementGroupFactory
 
         return PlacementGroupFactory([{"CPU": DRIVER_CPU}] + [worker_bundle(cfg)] * parallel)
-    if cfg.scaling.num_workers > 1:
-        return {"CPU": DRIVER_CPU}
     return worker_bundle(cfg)
 
 

@@ -295,7 +295,8 @@ def status_text(study_dir: Path) -> str:
             f"best by {t.selection}" + (f" over {t.repeats} seeds per configuration" if t.repeats > 1 else ""))
     if not rows:
         return head + "\n(no trial has started yet)"
-    lines = [head, render_table(rows, list(study.search), t.selection, t.mode, study.base.train.steps)]
+    lines = [head, render_table(rows, list(study.search), t.selection, t.mode, study.base.train.steps,
+                                t.metric if t.repeats > 1 else None)]  # fmt: skip
     lines.append(spend_line(study_dir, t.budget_hours, held(study.base)[0]))
     if (reached := budget_reached(study_dir, t.budget_hours)) is not None:
         lines.append(f"{reached}: no new trial starts")
@@ -314,8 +315,7 @@ def _spread(record: dict, metric: str) -> dict:
         return {}
     m = record["metrics"]
     done = sum(r["state"] == "done" for r in seeds.values())
-    return {"spread": (m.get(metric), m.get(f"{metric}_std"), m.get("n_seeds")), "seeds_done": (done, len(seeds)),
-            "spread_of": f"{metric} mean ± std (n)"}
+    return {"spread": (m.get(metric), m.get(f"{metric}_std"), m.get("n_seeds")), "seeds_done": (done, len(seeds))}
 
 
 def read_study(study_dir: Path) -> StudyConfig:
@@ -426,16 +426,25 @@ def run(study: StudyConfig, space: dict[str, Dist], address: str | None = None) 
         lock.release()
 
 
-def _run_locked(study: StudyConfig, space: dict[str, Dist], study_dir: Path, remote: str | None,
-                address: str | None) -> int:  # fmt: skip
-    print("starting Ray…" if not (address or os.environ.get("RAY_ADDRESS")) else f"joining Ray at "
-          f"{address or os.environ['RAY_ADDRESS']}…", flush=True)  # fmt: skip
+def _start_ray(study: StudyConfig, address: str | None) -> tuple[dict[str, float], list[dict[str, float]], int | None]:
+    """Start (or join) Ray for a study: the cluster's resources, its alive nodes, and with seed
+    repeats how many seeds of a configuration run at once (a private local Ray is sized for them)."""
     t = study.tune
     joined = bool(address or os.environ.get("RAY_ADDRESS"))
     local = local_parallel(study.base, t.repeats) if t.repeats > 1 and not joined else None
     cluster = init_ray_for(study.base, address, local)
     nodes = cluster_nodes()
     parallel = None if t.repeats == 1 else local or cluster_parallel(study.base, t.repeats, nodes)
+    return cluster, nodes, parallel
+
+
+def _run_locked(study: StudyConfig, space: dict[str, Dist], study_dir: Path, remote: str | None,
+                address: str | None) -> int:  # fmt: skip
+    print("starting Ray…" if not (address or os.environ.get("RAY_ADDRESS")) else f"joining Ray at "
+          f"{address or os.environ['RAY_ADDRESS']}…", flush=True)  # fmt: skip
+    t = study.tune
+    joined = bool(address or os.environ.get("RAY_ADDRESS"))
+    cluster, nodes, parallel = _start_ray(study, address)
     max_conc = concurrency(study.base, t.num_samples, t.max_concurrent, cluster, nodes, joined, parallel)
     fits_now = trials_that_fit(study.base, nodes, parallel)
     if max_conc > fits_now:
@@ -559,11 +568,7 @@ def _resume_locked(study: StudyConfig, study_dir: Path, remote: str | None, tune
     from ray import tune
 
     print("starting Ray…" if not (address or os.environ.get("RAY_ADDRESS")) else "joining Ray…", flush=True)
-    t = study.tune
-    joined = bool(address or os.environ.get("RAY_ADDRESS"))
-    local = local_parallel(study.base, t.repeats) if t.repeats > 1 and not joined else None
-    init_ray_for(study.base, address, local)
-    parallel = None if t.repeats == 1 else local or cluster_parallel(study.base, t.repeats, cluster_nodes())
+    _, _, parallel = _start_ray(study, address)
     plan = repeat_plan(study, parallel)
     if remote is None:
         check_shared(study_dir)
