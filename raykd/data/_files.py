@@ -1,9 +1,12 @@
-"""Helpers shared by the dataset readers: finding files, one-line errors, tensor conversion."""
+"""Helpers shared by the dataset readers: finding files, one-line errors, tensor conversion, the
+node's cache folder and its build lock."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,17 @@ def cache_folder() -> Path | None:
     if value.lower() == "off":
         return None
     return Path(value).expanduser() if value else Path.home() / ".cache" / "raykd"
+
+
+@contextlib.contextmanager
+def node_lock(path: Path) -> Iterator[None]:
+    """Hold the exclusive lock ``path.with_suffix(".lock")`` (created, with ``path``'s folder): one
+    process of the node builds ``path`` into the cache; the others wait here, then find it built.
+    An OSError (a read-only or full cache folder) propagates to the caller, which builds uncached."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def require_root(name: str, root: str | os.PathLike | None, layout: str) -> Path:

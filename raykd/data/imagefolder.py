@@ -27,7 +27,6 @@ when another registered dataset serves as the unlabeled pool).
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import json
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raykd.data._files import cache_folder
+from raykd.data._files import cache_folder, node_lock
 from raykd.data.base import ArrayDataset
 from raykd.errors import ConfigError
 
@@ -107,9 +106,7 @@ def _load(root: Path, channels: int, size: int, field: str) -> ArrayDataset:
     path = folder / "imagefolder" / f"{root.name}-{channels}x{size}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
     images = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one decoder per node; the others wait, then load
+        with node_lock(path):  # one decoder per node; the others wait, then load
             if not path.exists():
                 images = _decode(files, channels, size, field)
                 tmp = path.with_suffix(".tmp.npy")

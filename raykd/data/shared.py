@@ -27,7 +27,6 @@ in each process, with one line saying so.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import gc
 import hashlib
@@ -43,7 +42,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from raykd.data._files import cache_folder
+from raykd.data._files import cache_folder, node_lock
 from raykd.data.base import DATASETS, ArrayDataset
 
 if TYPE_CHECKING:
@@ -127,9 +126,7 @@ def shared_data(key: str, name: str, build: Callable[[], SSLData]) -> SSLData:
     path = folder / "data" / f"{name}-{key}"
     built = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per node; the others wait, then map
+        with node_lock(path):  # one builder per node; the others wait, then map
             if not (path / "meta.json").is_file():
                 for stale in path.parent.glob(f".{path.name}-*"):  # a builder killed mid-write
                     shutil.rmtree(stale, ignore_errors=True)
